@@ -1,0 +1,151 @@
+"""One API request's run through the cluster: placement, engine streams, metrics.
+
+Lifecycle:
+  prepared (token ids, sampling params) -> placed (router) -> dispatched
+  -> deltas merged from every prompt's engine stream -> finished
+  | rejected (no placement) | error (engine failed) | aborted (client left)
+Whatever ends the iteration, every engine request still running is aborted
+(its KV blocks freed) and the lifecycle is recorded in the metrics once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from pdserve.router.controller import Router
+from pdserve.router.snapshot import RequestInfo
+from pdserve.shared.errors import PdserveError
+from pdserve.shared.lifecycle import Outcome, RequestLifecycle
+from pdserve.shared.metrics import Metrics
+from pdserve.shared.protocol import EngineRequest, OutputDelta, TokenLogprob
+
+
+@dataclass
+class ChoiceState:
+    """Everything one choice produced so far (for non-streaming responses)."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, delta: OutputDelta) -> None:
+        self.text.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
+
+
+@dataclass
+class Generation:
+    """Runs the engine requests of one API request (one per prompt) and merges them."""
+
+    router: Router
+    metrics: Metrics
+    request_id: str
+    prompts: list[list[int]]
+    sampling_params: Any
+    max_tokens: int
+    life: RequestLifecycle = field(init=False)
+    finish_reasons: list[str] = field(default_factory=list)
+    _placements: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.life = RequestLifecycle(self.request_id, num_prompt_tokens=sum(map(len, self.prompts)))
+
+    @property
+    def n(self) -> int:
+        return self.sampling_params.n or 1
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.life.num_prompt_tokens
+
+    def reject(self) -> None:
+        """Record a request refused before it reached an engine."""
+        self.life.finish(Outcome.REJECTED)
+        self.metrics.observe_request(self.life, [])
+
+    def place(self) -> None:
+        """Choose an instance for every prompt; a `PdserveError` means nothing reached an engine.
+
+        Called before any response byte is sent, so a refusal keeps its HTTP status.
+        """
+        try:
+            self._placements = [self.router.place(RequestInfo(f"{self.request_id}-{i}", len(p), self.max_tokens))
+                                for i, p in enumerate(self.prompts)]
+        except PdserveError:
+            self.reject()
+            raise
+
+    async def deltas(self) -> AsyncIterator[tuple[int, OutputDelta]]:
+        """(choice index across all prompts, delta), in arrival order."""
+        if not self._placements:
+            self.place()
+        self.life.mark_dispatched()
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._run_one(i, client, queue)) for i, client in enumerate(self._placements)]
+        outcome = Outcome.ERROR
+        try:
+            remaining = len(tasks)
+            while remaining:
+                prompt_index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                self._record(item)
+                yield prompt_index * self.n + item.index, item
+            outcome = Outcome.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = Outcome.ABORTED
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            # Wait for the aborts to reach the engines (shielded inside the clients).
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self.life.finish(outcome)
+            self.metrics.observe_request(self.life, self.finish_reasons)
+
+    async def _run_one(self, prompt_index: int, client, queue: asyncio.Queue) -> None:
+        prompt = self.prompts[prompt_index]
+        request = EngineRequest(f"{self.request_id}-{prompt_index}", prompt, self.sampling_params)
+        try:
+            with self.router.track(client.instance_id, len(prompt)):
+                async with contextlib.aclosing(client.generate(request)) as stream:
+                    async for delta in stream:
+                        queue.put_nowait((prompt_index, delta))
+            queue.put_nowait((prompt_index, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the consumer, which raises it in the request's context
+            queue.put_nowait((prompt_index, exc))
+
+    def _record(self, delta: OutputDelta) -> None:
+        self.life.mark_tokens(len(delta.token_ids))
+        if delta.queue_time_s is not None and self.life.queue_time_s is None:
+            self.life.queue_time_s = delta.queue_time_s
+        if delta.finish_reason is not None:
+            self.finish_reasons.append(delta.finish_reason)
+
+    async def collect(self) -> list[ChoiceState]:
+        """Run to the end; every choice's accumulated output, by choice index."""
+        choices = [ChoiceState() for _ in range(len(self.prompts) * self.n)]
+        async with contextlib.aclosing(self.deltas()) as stream:
+            async for index, delta in stream:
+                choices[index].add(delta)
+        return choices
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.life.num_output_tokens

@@ -1,0 +1,83 @@
+"""Bringing a whole deployment up and down from one process (`pdserve serve`).
+
+Lifecycle: Ray (local or joined) -> engine pools started -> tokenizer and
+router -> gateway serving -> signal -> gateway drained -> engines shut down
+-> actors killed -> Ray shut down (a local Ray's processes end with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from pdserve.shared.config import ServeConfig
+from pdserve.shared.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _interrupt(signum, frame):  # SIGTERM during start-up: unwind through the cleanup below
+    raise KeyboardInterrupt
+
+
+def _init_ray(config: ServeConfig) -> None:
+    import ray
+
+    if config.ray.address is None:
+        # A local cluster we own: no auth tokens (nothing outside this machine can reach it).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        needed = int(config.pools.total * config.pools.cpus_per_instance + 0.999)
+        num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, needed)
+        ray.init(namespace=config.ray.namespace, num_cpus=num_cpus, include_dashboard=False)
+    else:
+        ray.init(address=config.ray.address, namespace=config.ray.namespace)
+
+
+def serve(config: ServeConfig) -> int:
+    import ray
+
+    from pdserve.gateway.app import GatewayState, create_app
+    from pdserve.gateway.model import ServedModel
+    from pdserve.gateway.server import GatewayServer
+    from pdserve.router.controller import Router
+    from pdserve.router.policy import make_policy
+    from pdserve.shared.metrics import Metrics
+    from pdserve.worker.pool import start_pools, stop_pools
+
+    if config.pools.prefill or config.pools.decode:
+        # The P->D handoff (KV transfer layer) is not built yet; refusing beats
+        # silently running whole requests on a decode-only instance.
+        raise ConfigError("prefill/decode pools need the KV transfer layer, which this build lacks; "
+                          "use mixed instances")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    pools = None
+    try:
+        _init_ray(config)
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own handler
+        logger.info("starting %d engine instance(s) of %s", config.pools.total, config.engine.model)
+        pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace)
+        info = pools.clients[0].info
+        model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,
+                                 info.max_model_len)
+        metrics = Metrics(model.name)
+        router = Router(pools.clients, make_policy(config.gateway.routing_policy),
+                        on_stats=metrics.observe_instance)
+        api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None
+        state = GatewayState(model, router, metrics, api_key=api_key,
+                             stats_interval_s=config.gateway.stats_interval_s)
+        server = GatewayServer(create_app(state), config.gateway.host, config.gateway.port,
+                               config.gateway.log_level)
+        signal.signal(signal.SIGTERM, previous)  # uvicorn handles SIGINT/SIGTERM from here on
+        logger.info("gateway on http://%s:%d serving %r", config.gateway.host, config.gateway.port, model.name)
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:
+        logger.info("interrupted")
+    finally:
+        if pools is not None:
+            stop_pools(pools)
+        if ray.is_initialized():
+            ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,84 @@
+"""What the router's policies see: immutable snapshots, no handles, no block tables.
+
+The controller builds a `ClusterSnapshot` from the instances' latest stats;
+the cluster simulator builds the same type from its model of the cluster.
+Policies read nothing else, which is what lets one policy drive both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.shared.roles import Role
+
+
+@dataclass(frozen=True)
+class InstanceSnapshot:
+    """One engine instance as the router sees it at one moment."""
+
+    instance_id: str
+    role: Role
+    healthy: bool = True
+    num_running: int = 0  # requests in the engine's running batch
+    num_waiting: int = 0  # requests queued inside the engine
+    outstanding: int = 0  # dispatched by the router and not yet finished
+    outstanding_prefill_tokens: int = 0  # prompt tokens dispatched and not yet prefilled
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    block_size: int = 16
+    hardware: str = ""  # free-form machine type, e.g. "a100" (for heterogeneous pools)
+
+    @property
+    def kv_usage(self) -> float:
+        if self.kv_blocks_total <= 0:
+            return 0.0
+        return 1.0 - self.kv_blocks_free / self.kv_blocks_total
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """All instances, at the time `now` (seconds, the caller's clock)."""
+
+    instances: tuple[InstanceSnapshot, ...]
+    now: float = 0.0
+
+    def by_role(self, *roles: Role) -> tuple[InstanceSnapshot, ...]:
+        return tuple(i for i in self.instances if i.role in roles and i.healthy)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the router knows of a request: lengths, never contents."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a request runs. For a colocated request, prefill == decode."""
+
+    request_id: str
+    prefill: str
+    decode: str
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill == self.decode
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The request cannot be placed; `reason` is shown to the client and counted."""
+
+    request_id: str
+    reason: str
+    retryable: bool = True  # True: capacity may free up; False: it can never fit
+
+
+Decision = Placement | Rejection

@@ -1,0 +1,126 @@
+"""How the gateway talks to an engine instance: the `EngineClient` interface.
+
+Lifecycle of one request through a client:
+  generate(request) -> submitted -> deltas yielded -> last delta (finished)
+  Leaving the iteration early (client gone, cancel, error) aborts the request
+  in the engine, so its KV blocks are freed; nobody else has to remember to.
+
+`RayEngineClient` reads the worker's single batched output stream in one pump
+task and hands each delta to the queue of the request it belongs to.
+`pdserve.worker.fake_engine.FakeEngineClient` implements the same interface
+in-process for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from typing import Any, AsyncIterator
+
+from pdserve.shared.errors import EngineDeadError, EngineError
+from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta
+
+logger = logging.getLogger(__name__)
+
+
+class EngineClient(ABC):
+    """One engine instance, as seen from the gateway."""
+
+    info: EngineInfo
+
+    @property
+    def instance_id(self) -> str:
+        return self.info.instance_id
+
+    @abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[OutputDelta]:
+        """Submit and yield the request's deltas until every choice finished.
+
+        Raises `EngineError` (the engine failed the request) or
+        `EngineDeadError` (the instance is gone). Closing the iterator early
+        aborts the request in the engine.
+        """
+
+    @abstractmethod
+    async def abort(self, request_ids: list[str]) -> None: ...
+
+    @abstractmethod
+    async def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+_END = object()  # queue sentinel: the instance died
+
+
+class RayEngineClient(EngineClient):
+    """Client of an `EngineWorker` Ray actor."""
+
+    def __init__(self, actor: Any, info: EngineInfo) -> None:
+        self.actor = actor
+        self.info = info
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._pump: asyncio.Task | None = None
+        self._dead: str | None = None
+
+    def _ensure_pump(self) -> None:
+        if self._pump is None:
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    async def _run_pump(self) -> None:
+        try:
+            async for ref in self.actor.outputs.remote():
+                for delta in await ref:
+                    queue = self._queues.get(delta.request_id)
+                    if queue is not None:  # else: aborted and forgotten already
+                        queue.put_nowait(delta)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # actor died or Ray failed: every waiting request fails fast
+            self._dead = f"instance {self.instance_id} failed: {type(exc).__name__}: {exc}"
+            logger.error(self._dead)
+        for queue in self._queues.values():
+            queue.put_nowait(_END)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[OutputDelta]:
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        self._ensure_pump()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        finished = False
+        try:
+            await self.actor.submit.remote(request)
+            while not finished:
+                delta = await queue.get()
+                if delta is _END:
+                    raise EngineDeadError(self._dead or f"instance {self.instance_id} stopped")
+                if delta.error:
+                    finished = True
+                    raise EngineError(delta.error)
+                finished = delta.request_finished
+                yield delta
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished and not self._dead:
+                # Shielded: the caller may be in the middle of being cancelled.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.abort([request.request_id]))
+
+    async def abort(self, request_ids: list[str]) -> None:
+        await self.actor.abort.remote(request_ids)
+
+    async def stats(self) -> EngineStats:
+        if self._dead:
+            return EngineStats(self.instance_id, self.info.role, healthy=False)
+        return await self.actor.stats.remote()
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+

@@ -1,0 +1,231 @@
+"""An engine instance: one vLLM `AsyncLLM` inside a Ray actor.
+
+Lifecycle of a request inside a worker:
+  submit() -> vLLM queues it -> scheduled -> tokens (deltas) -> finished | aborted
+Lifecycle of the worker: __init__ (cheap) -> start() (loads the model, ~40 s on
+CPU) -> serves -> shutdown() (stops vLLM's engine-core process).
+
+Outputs of all requests leave the worker through one streaming call,
+`outputs()`, in batches: everything that arrived since the previous batch.
+A Ray item per token per request costs more than a decode step at GPU rates,
+so batching is what keeps the gateway out of the critical path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any, AsyncIterator
+
+from pdserve.shared.config import EngineConfig
+from pdserve.shared.errors import ConfigError
+from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
+from pdserve.shared.roles import Role
+
+logger = logging.getLogger(__name__)
+
+# On CPU, vLLM treats this fraction as "of host memory"; its GPU default (0.9) fails there.
+CPU_MEMORY_FRACTION = 0.15
+
+
+def build_engine_args(config: EngineConfig) -> Any:
+    """`AsyncEngineArgs` from our config; unknown pass-through names are refused."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(config.engine_args) - known)
+    if unknown:
+        raise ConfigError(f"unknown vLLM engine arguments: {unknown}")
+    kwargs: dict[str, Any] = {
+        "model": config.model,
+        "tokenizer": config.tokenizer,
+        "served_model_name": config.model_name,
+        "dtype": config.dtype,
+        "seed": config.seed,
+        "enforce_eager": config.enforce_eager,
+        "disable_log_stats": False,  # our stat logger needs the scheduler's stats
+    }
+    optional = {
+        "max_model_len": config.max_model_len,
+        "block_size": config.block_size,
+        "kv_cache_memory_bytes": config.kv_cache_memory_bytes,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "enable_prefix_caching": config.enable_prefix_caching,
+        "gpu_memory_utilization": config.gpu_memory_utilization
+        or (CPU_MEMORY_FRACTION if current_platform.is_cpu() else None),
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    kwargs.update(config.engine_args)
+    return AsyncEngineArgs(**kwargs)
+
+
+class _SchedulerStatsHolder:
+    """Latest scheduler stats, written by vLLM's stat-logger hook."""
+
+    def __init__(self) -> None:
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_usage = 0.0
+
+
+def _stat_logger_factory(holder: _SchedulerStatsHolder):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Recorder(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            self.holder = holder
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                self.holder.num_running = scheduler_stats.num_running_reqs
+                self.holder.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                self.holder.kv_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Recorder
+
+
+def _logprobs(choice: Any, start: int) -> list[TokenLogprob] | None:
+    """Our logprob records for the tokens of `choice` from position `start` of its logprobs."""
+    if choice.logprobs is None:
+        return None
+    out: list[TokenLogprob] = []
+    for token_id, position in zip(choice.token_ids, list(choice.logprobs)[start:]):
+        sampled = position[token_id]
+        top = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
+        out.append(TokenLogprob(
+            token_id=token_id,
+            token=sampled.decoded_token or "",
+            logprob=max(sampled.logprob, -9999.0),
+            top=[(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top if lp.rank is not None],
+        ))
+    return out
+
+
+def _to_delta(output: Any, choice: Any, first: bool) -> OutputDelta:
+    queue_time = None
+    metrics = getattr(output, "metrics", None)
+    if first and metrics is not None and metrics.scheduled_ts and metrics.queued_ts:
+        queue_time = max(0.0, metrics.scheduled_ts - metrics.queued_ts)
+    return OutputDelta(
+        request_id=output.request_id,
+        index=choice.index,
+        token_ids=list(choice.token_ids),
+        text=choice.text,
+        logprobs=_logprobs(choice, 0),
+        finish_reason=choice.finish_reason,
+        stop_reason=choice.stop_reason,
+        num_prompt_tokens=len(output.prompt_token_ids or ()),
+        num_cached_tokens=output.num_cached_tokens or 0,
+        queue_time_s=queue_time,
+        request_finished=output.finished,
+    )
+
+
+class EngineWorker:
+    """Hosts one vLLM engine. Wrapped with `ray.remote` by the pool that starts it."""
+
+    def __init__(self, instance_id: str, role: Role, config: EngineConfig) -> None:
+        self.instance_id = instance_id
+        self.role = role
+        self.config = config
+        self._engine: Any = None
+        self._info: EngineInfo | None = None
+        self._stats = _SchedulerStatsHolder()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._outbox: asyncio.Queue[OutputDelta] | None = None
+
+    async def start(self) -> EngineInfo:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._outbox = asyncio.Queue()
+        args = build_engine_args(self.config)
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
+        vllm_config = self._engine.vllm_config
+        self._info = EngineInfo(
+            instance_id=self.instance_id,
+            role=self.role,
+            model=self.config.model_name,
+            max_model_len=vllm_config.model_config.max_model_len,
+            block_size=vllm_config.cache_config.block_size,
+            kv_blocks_total=vllm_config.cache_config.num_gpu_blocks or 0,
+        )
+        logger.info("instance %s (%s) ready: %s", self.instance_id, self.role.value, self._info)
+        return self._info
+
+    async def submit(self, request: EngineRequest) -> None:
+        if self._engine is None or self._outbox is None:
+            raise RuntimeError(f"instance {self.instance_id} is not started")
+        if request.request_id in self._tasks:
+            raise ValueError(f"duplicate request id {request.request_id}")
+        self._tasks[request.request_id] = asyncio.create_task(self._run(request))
+
+    async def _run(self, request: EngineRequest) -> None:
+        from vllm.inputs import TokensPrompt
+
+        assert self._outbox is not None
+        seen: set[int] = set()
+        try:
+            stream = self._engine.generate(
+                TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+                request.sampling_params,
+                request.request_id,
+            )
+            async for output in stream:
+                for choice in output.outputs:
+                    self._outbox.put_nowait(_to_delta(output, choice, choice.index not in seen))
+                    seen.add(choice.index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the engine failed this request: tell the gateway, keep serving others
+            logger.exception("request %s failed", request.request_id)
+            self._outbox.put_nowait(OutputDelta(request.request_id, 0, [], "", request_finished=True,
+                                                error=f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._tasks.pop(request.request_id, None)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        """Stop requests wherever they are; their KV blocks are freed by vLLM."""
+        live = [rid for rid in request_ids if rid in self._tasks]
+        if live and self._engine is not None:
+            await self._engine.abort(live)
+        for rid in live:
+            task = self._tasks.pop(rid, None)
+            if task is not None:
+                task.cancel()
+
+    async def outputs(self) -> AsyncIterator[list[OutputDelta]]:
+        """Ray streaming generator: batches of deltas, for as long as the worker lives."""
+        if self._outbox is None:
+            raise RuntimeError(f"instance {self.instance_id} is not started")
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            yield batch
+
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            instance_id=self.instance_id,
+            role=self.role,
+            num_running=self._stats.num_running,
+            num_waiting=self._stats.num_waiting,
+            kv_usage=self._stats.kv_usage,
+            kv_blocks_total=self._info.kv_blocks_total if self._info else 0,
+            in_flight=len(self._tasks),
+        )
+
+    def shutdown(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

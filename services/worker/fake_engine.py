@@ -1,0 +1,125 @@
+"""An in-process fake engine with fault injection, for tests without vLLM engines.
+
+It implements `EngineClient` the way a real instance behaves at the seams:
+deltas per choice, `n` choices, `max_tokens`, EOS unless `ignore_eos`,
+aborts, and stats. Tokens are a deterministic function of the prompt, so
+tests can predict them. Faults (`FaultPlan`) make the failure paths run in CI:
+an engine error mid-stream, an instance that dies, slow tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from pdserve.shared.errors import EngineDeadError, EngineError
+from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
+from pdserve.shared.roles import Role
+from pdserve.worker.client import EngineClient
+
+
+@dataclass
+class FaultPlan:
+    """What should go wrong, and when (counted in generated tokens)."""
+
+    fail_after_tokens: int | None = None  # the engine errors this request
+    die_after_tokens: int | None = None  # the whole instance dies
+    token_interval_s: float = 0.0  # delay between tokens (to test disconnects)
+
+
+@dataclass
+class FakeEngineClient(EngineClient):
+    info: EngineInfo
+    eos_token_id: int = 2
+    vocab_size: int = 4096
+    detokenize: Callable[[list[int]], str] = lambda ids: "".join(f" w{t}" for t in ids)
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    eos_after: int | None = None  # emit EOS as this token number (1-based), unless ignore_eos
+    in_flight: set[str] = field(default_factory=set)
+    aborted: list[str] = field(default_factory=list)
+    submitted: list[EngineRequest] = field(default_factory=list)
+    dead: bool = False
+
+    @classmethod
+    def make(cls, instance_id: str = "fake-0", role: Role = Role.MIXED, max_model_len: int = 512,
+             **kwargs) -> "FakeEngineClient":
+        info = EngineInfo(instance_id, role, model="fake", max_model_len=max_model_len,
+                          block_size=16, kv_blocks_total=max_model_len // 16 * 8)
+        return cls(info=info, **kwargs)
+
+    def token_at(self, prompt: list[int], choice: int, position: int) -> int:
+        """The deterministic `position`-th token (0-based) of choice `choice`."""
+        if self.eos_after is not None and position + 1 == self.eos_after:
+            return self.eos_token_id
+        return 10 + (sum(prompt) + 7 * choice + position) % (self.vocab_size - 10)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[OutputDelta]:
+        if self.dead:
+            raise EngineDeadError(f"instance {self.instance_id} is dead")
+        params = request.sampling_params
+        self.submitted.append(request)
+        self.in_flight.add(request.request_id)
+        finished = False
+        try:
+            n = params.n or 1
+            done = [False] * n
+            produced = 0
+            position = 0
+            while not all(done):
+                for choice in range(n):
+                    if done[choice]:
+                        continue
+                    delta = self._step(request, choice, position)
+                    produced += 1
+                    self._inject(produced)
+                    done[choice] = delta.finish_reason is not None
+                    delta.request_finished = all(done)
+                    finished = delta.request_finished
+                    yield delta
+                position += 1
+                if self.faults.token_interval_s:
+                    await asyncio.sleep(self.faults.token_interval_s)
+                else:
+                    await asyncio.sleep(0)
+        finally:
+            if not finished and request.request_id in self.in_flight:
+                self.aborted.append(request.request_id)
+            self.in_flight.discard(request.request_id)
+
+    def _step(self, request: EngineRequest, choice: int, position: int) -> OutputDelta:
+        params = request.sampling_params
+        token = self.token_at(request.prompt_token_ids, choice, position)
+        finish = None
+        if token == self.eos_token_id and not params.ignore_eos:
+            finish = "stop"
+        elif position + 1 >= params.max_tokens:
+            finish = "length"
+        text = "" if finish == "stop" else self.detokenize([token])
+        logprobs = None
+        if params.logprobs is not None:
+            top = [(self.detokenize([token]), -0.5)] + [(f" alt{k}", -2.0 - k) for k in range(params.logprobs)]
+            logprobs = [TokenLogprob(token, self.detokenize([token]), -0.5, top[: max(params.logprobs, 1)])]
+        return OutputDelta(request.request_id, choice, [token], text, logprobs=logprobs, finish_reason=finish,
+                           num_prompt_tokens=len(request.prompt_token_ids))
+
+    def _inject(self, produced: int) -> None:
+        if self.faults.die_after_tokens is not None and produced > self.faults.die_after_tokens:
+            self.dead = True
+            raise EngineDeadError(f"instance {self.instance_id} died (injected)")
+        if self.faults.fail_after_tokens is not None and produced > self.faults.fail_after_tokens:
+            raise EngineError("injected engine failure")
+
+    async def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            if rid in self.in_flight:
+                self.aborted.append(rid)
+                self.in_flight.discard(rid)
+
+    async def stats(self) -> EngineStats:
+        return EngineStats(self.instance_id, self.info.role, num_running=len(self.in_flight),
+                           kv_blocks_total=self.info.kv_blocks_total, in_flight=len(self.in_flight),
+                           healthy=not self.dead)
+
+    async def close(self) -> None:
+        self.dead = True

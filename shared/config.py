@@ -1,0 +1,173 @@
+"""pdserve's one typed configuration tree.
+
+Precedence, lowest first: field defaults < YAML file < environment < CLI flags.
+Environment overrides are read in exactly one place, `env_overrides()`, so that
+nothing else in the code base looks at `os.environ` for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from pdserve.shared.errors import ConfigError
+
+# Engine arguments passed through to vLLM must be scalars or lists of scalars;
+# anything richer belongs in a typed field of its own.
+EngineArgValue = Union[str, int, float, bool, None, list[Union[str, int, float, bool]]]
+
+
+def demo_model_path() -> str:
+    """The demo model shipped inside the package (`services/demo_model/`)."""
+    import pdserve
+
+    return str(Path(pdserve.__file__).resolve().parent / "demo_model")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Strict):
+    """How every vLLM engine instance is built (same model on every pool)."""
+
+    model: str = Field(default_factory=demo_model_path,
+                       description="Local HF-format model directory or hub id; default: the bundled demo model.")
+    served_model_name: str | None = Field(None, description="Name clients use in `model`; default: the model's folder or hub id.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; default: the model's.")
+    dtype: str = Field("auto", description="Weights and activations dtype passed to vLLM (auto, float32, bfloat16, float16).")
+    max_model_len: int | None = Field(None, gt=0, description="Context length (prompt + output tokens); default: the model's.")
+    block_size: int | None = Field(None, gt=0, description="KV-cache block size in tokens; default: vLLM's for the platform.")
+    kv_cache_memory_bytes: int | None = Field(
+        None, gt=0, description="Bytes of KV cache per instance. Takes precedence over gpu_memory_utilization.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Fraction of device memory for weights and KV (on CPU: of host memory). Default: 0.15 on CPU, vLLM's on GPU.")
+    max_num_seqs: int | None = Field(None, gt=0, description="Most requests in one engine batch.")
+    max_num_batched_tokens: int | None = Field(None, gt=0, description="Most tokens in one engine step.")
+    enable_prefix_caching: bool | None = Field(None, description="Reuse KV of shared prompt prefixes; default: vLLM's.")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start-up; on CPU it matters little).")
+    seed: int = Field(0, description="Engine seed: with the same seed, sampled outputs repeat.")
+    engine_args: dict[str, EngineArgValue] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments by their Python name (e.g. {'swap_space': 0}); checked at start-up.")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model)
+        return path.name if path.is_dir() else self.model
+
+
+class PoolsConfig(_Strict):
+    """How many engine instances of each role, and what each one reserves in Ray."""
+
+    mixed: int = Field(1, ge=0, description="Instances that run prefill and decode colocated.")
+    prefill: int = Field(0, ge=0, description="Prefill-only instances (disaggregated serving).")
+    decode: int = Field(0, ge=0, description="Decode-only instances (disaggregated serving).")
+    cpus_per_instance: float = Field(1.0, gt=0, description="Ray CPUs each instance reserves.")
+    gpus_per_instance: float = Field(0.0, ge=0, description="Ray GPUs each instance reserves (0 on CPU machines).")
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> "PoolsConfig":
+        if self.mixed + self.prefill + self.decode == 0:
+            raise ValueError("at least one engine instance is needed")
+        if (self.prefill == 0) != (self.decode == 0):
+            raise ValueError("disaggregated serving needs both prefill and decode instances "
+                             f"(got prefill={self.prefill}, decode={self.decode})")
+        return self
+
+    @property
+    def total(self) -> int:
+        return self.mixed + self.prefill + self.decode
+
+
+class GatewayConfig(_Strict):
+    """The OpenAI-compatible HTTP surface."""
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on (0: any free port).")
+    api_key: SecretStr | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
+    routing_policy: str = Field("least_loaded", description="Placement policy (round_robin, least_loaded, kv_jsq).")
+    stats_interval_s: float = Field(0.5, gt=0, description="How often instance stats are refreshed for routing and metrics.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Gateway log level.")
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from pdserve.router.policy import POLICIES
+
+        if value not in POLICIES:
+            raise ValueError(f"unknown routing policy {value!r}; choose from {sorted(POLICIES)}")
+        return value
+
+
+class RayConfig(_Strict):
+    """Where the engine actors run."""
+
+    address: str | None = Field(None, description="Ray cluster to join (e.g. 'auto'); default: start a local one.")
+    namespace: str = Field("pdserve", description="Ray namespace for pdserve's actors.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray (default: enough for all instances).")
+
+
+class ServeConfig(_Strict):
+    """Everything `pdserve serve` needs."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    pools: PoolsConfig = Field(default_factory=PoolsConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @classmethod
+    def load(cls, path: Path | None = None, overrides: dict | None = None) -> "ServeConfig":
+        """File, then environment, then `overrides` (nested, from CLI flags)."""
+        data: dict = {}
+        if path is not None:
+            try:
+                loaded = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            data = loaded
+        for layer in (env_overrides(), overrides or {}):
+            data = _merge(data, layer)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid configuration:\n{exc}") from exc
+
+
+# Environment variable -> path in the config tree.
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "PDSERVE_MODEL": ("engine", "model"),
+    "PDSERVE_API_KEY": ("gateway", "api_key"),
+    "PDSERVE_HOST": ("gateway", "host"),
+    "PDSERVE_PORT": ("gateway", "port"),
+    "PDSERVE_RAY_ADDRESS": ("ray", "address"),
+}
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict:
+    """The only reader of configuration from the environment."""
+    environ = dict(os.environ) if environ is None else environ
+    out: dict = {}
+    for var, (section, key) in ENV_VARS.items():
+        if environ.get(var):
+            out.setdefault(section, {})[key] = environ[var]
+    return out
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,75 @@
+"""Prometheus metrics, named in vLLM's style with a `pdserve:` prefix.
+
+One `Metrics` object per gateway, with its own registry (no module-global
+collectors), so tests can build as many gateways as they like.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pdserve.shared.lifecycle import Outcome, RequestLifecycle
+from pdserve.shared.protocol import EngineStats
+
+# Latency buckets (seconds): from sub-millisecond GPU steps to slow CPU prompts.
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+            2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
+         0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Request-level histograms and per-instance gauges."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
+        r = self.registry
+        self.requests = Counter("pdserve:requests", "Requests by outcome.", ["model_name", "outcome"], registry=r)
+        self.finished = Counter("pdserve:request_success", "Finished requests by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens processed.", ["model_name"], registry=r)
+        self.generation_tokens = Counter("pdserve:generation_tokens", "Tokens generated.", ["model_name"], registry=r)
+        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token.",
+                              ["model_name"], buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("pdserve:time_per_output_token_seconds", "Mean time per output token of a request.",
+                              ["model_name"], buckets=_STEP, registry=r)
+        self.itl = Histogram("pdserve:inter_token_latency_seconds", "Time between consecutive token deliveries.",
+                             ["model_name"], buckets=_STEP, registry=r)
+        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "Arrival to finish.",
+                             ["model_name"], buckets=_LATENCY, registry=r)
+        self.queue = Histogram("pdserve:request_queue_time_seconds", "Time waiting in the engine before scheduling.",
+                               ["model_name"], buckets=_LATENCY, registry=r)
+        labels = ["model_name", "instance", "role"]
+        self.running = Gauge("pdserve:num_requests_running", "Requests in the engine's running batch.", labels, registry=r)
+        self.waiting = Gauge("pdserve:num_requests_waiting", "Requests queued in the engine.", labels, registry=r)
+        self.kv_usage = Gauge("pdserve:kv_cache_usage_perc", "KV-cache usage, 0 to 1.", labels, registry=r)
+        self.healthy = Gauge("pdserve:instance_healthy", "1 if the instance answers, else 0.", labels, registry=r)
+
+    def observe_request(self, life: RequestLifecycle, finish_reasons: list[str]) -> None:
+        """Record a finished request (any outcome)."""
+        m = self.model_name
+        outcome = (life.outcome or Outcome.ERROR).value
+        self.requests.labels(m, outcome).inc()
+        for reason in finish_reasons:
+            self.finished.labels(m, reason).inc()
+        if life.outcome is Outcome.REJECTED:
+            return
+        self.prompt_tokens.labels(m).inc(life.num_prompt_tokens)
+        self.generation_tokens.labels(m).inc(life.num_output_tokens)
+        for value, hist in ((life.ttft, self.ttft), (life.tpot, self.tpot), (life.e2e, self.e2e),
+                            (life.queue_time_s, self.queue)):
+            if value is not None:
+                hist.labels(m).observe(value)
+        for gap in life.inter_token:
+            self.itl.labels(m).observe(gap)
+
+    def observe_instance(self, stats: EngineStats) -> None:
+        labels = (self.model_name, stats.instance_id, stats.role.value)
+        self.running.labels(*labels).set(stats.num_running)
+        self.waiting.labels(*labels).set(stats.num_waiting)
+        self.kv_usage.labels(*labels).set(stats.kv_usage)
+        self.healthy.labels(*labels).set(1 if stats.healthy else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

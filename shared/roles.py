@@ -1,0 +1,21 @@
+"""Instance roles: which phases of a request an engine instance runs."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Role(str, enum.Enum):
+    """What an engine instance does with the requests it is given."""
+
+    MIXED = "mixed"  # prefill and decode colocated (the foundation path)
+    PREFILL = "prefill"  # computes prompts, hands the KV cache on
+    DECODE = "decode"  # generates tokens from a KV cache it was handed
+
+    @property
+    def runs_prefill(self) -> bool:
+        return self in (Role.MIXED, Role.PREFILL)
+
+    @property
+    def runs_decode(self) -> bool:
+        return self in (Role.MIXED, Role.DECODE)

@@ -1,0 +1,193 @@
+"""`pdserve serve` on real vLLM-CPU engines in Ray, driven with the `openai` package.
+
+One server for the module (the embedded default: local Ray, demo model, one
+`mixed` instance), plus vLLM's offline `LLM` as the reference for greedy output.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MAX_LEN = 1024
+KV_BYTES = str(256 * 1024 * 1024)
+PROMPTS = [
+    "Return a new list",
+    "The json module",
+    "Open the file and return a stream. Raise OSError upon failure.",
+    "Create a new thread. " * 12,
+    "Return the number of items in a container. " * 40,
+]
+GEN_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_model_dir))
+
+
+@pytest.fixture(scope="module")
+def started(serve_factory):
+    """The server process, launched first so that it boots while the reference runs."""
+    return serve_factory("--max-model-len", str(MAX_LEN), "--kv-cache-memory-bytes", KV_BYTES)
+
+
+@pytest.fixture(scope="module")
+def reference(started, demo_model_dir, tokenizer):
+    """Greedy token ids from vLLM's offline LLM for each prompt (in-process engine)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(demo_model_dir), max_model_len=MAX_LEN, kv_cache_memory_bytes=int(KV_BYTES),
+              enforce_eager=True, seed=0)
+    prompts = [TokensPrompt(prompt_token_ids=tokenizer.encode(p)) for p in PROMPTS]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
+    result = {p: list(o.outputs[0].token_ids) for p, o in zip(PROMPTS, outputs)}
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    mp.undo()
+    return result
+
+
+@pytest.fixture(scope="module")
+def server(started, reference):
+    started.wait_ready()
+    return started
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_greedy_output_equals_offline_vllm(server, reference, tokenizer):
+    def ask(prompt: str) -> dict:
+        body = {"prompt": prompt, "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=300).json()
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # batched, as offline generate is
+        answers = dict(zip(PROMPTS, pool.map(ask, PROMPTS)))
+    for prompt in PROMPTS:
+        choice = answers[prompt]["choices"][0]
+        assert choice["prompt_token_ids"] == tokenizer.encode(prompt)
+        assert choice["token_ids"] == reference[prompt], prompt
+        assert choice["text"] == tokenizer.decode(reference[prompt], skip_special_tokens=True)
+
+
+def test_completions_stream_and_usage(client, tokenizer):
+    model = _model(client)
+    prompt = "Return the sum of"
+    unary = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert unary.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert unary.usage.completion_tokens == 12
+    assert unary.choices[0].text.strip()
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == unary.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+    assert len(tokenizer.encode(unary.choices[0].text, add_special_tokens=False)) in range(10, 15)
+
+
+def test_chat_stream_and_usage(client, tokenizer):
+    model = _model(client)
+    messages = [{"role": "user", "content": "What does `os.path.join` do?"}]
+    unary = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert unary.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+    assert 1 <= unary.usage.completion_tokens <= 16
+    assert unary.choices[0].message.content
+    stream = list(client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == unary.choices[0].message.content
+    assert stream[-1].usage.completion_tokens == unary.usage.completion_tokens
+
+
+def test_sampling_parameters_reach_the_engine(client):
+    model = _model(client)
+    a = client.completions.create(model=model, prompt="The", max_tokens=10, temperature=1.0, seed=7, n=2)
+    b = client.completions.create(model=model, prompt="The", max_tokens=10, temperature=1.0, seed=7, n=2)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    stopped = client.completions.create(model=model, prompt="Return a new list", max_tokens=40, temperature=0,
+                                        stop=["the"], extra_body={"ignore_eos": True})
+    assert "the" not in stopped.choices[0].text
+    lp = client.completions.create(model=model, prompt="The", max_tokens=3, logprobs=3, temperature=0)
+    assert len(lp.choices[0].logprobs.top_logprobs) == 3
+    assert all(len(top) >= 3 for top in lp.choices[0].logprobs.top_logprobs)
+
+
+def test_bad_input_gets_openai_errors(server, client):
+    cases = [
+        ({"prompt": "hi", "logprobs": 21}, 400),
+        ({"prompt": "hi", "max_tokens": MAX_LEN}, 400),
+        ({"prompt": "word " * (MAX_LEN + 10)}, 400),
+        ({"prompt": "hi", "temperature": -0.5}, 400),
+        ({"prompt": "hi", "model": "nope"}, 404),
+    ]
+    for body, status in cases:
+        resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == status, (body, resp.text)
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.completions.create(model=_model(client), prompt="ok", max_tokens=2).usage.completion_tokens == 2
+
+
+def _instance(server) -> dict:
+    return httpx.get(server.url + "/health", timeout=10).json()["instances"][0]
+
+
+def test_client_disconnect_aborts_in_engine(server):
+    body = {"prompt": "Return", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as resp:
+        lines = resp.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: {") for line in received)
+        assert _instance(server)["in_flight"] == 1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = _instance(server)
+        if stats["in_flight"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0:
+            break
+        time.sleep(0.5)
+    assert stats["in_flight"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
+    metrics = httpx.get(server.url + "/metrics").text
+    assert [line for line in metrics.splitlines()
+            if line.startswith("pdserve:requests_total") and 'outcome="aborted"' in line]
+
+
+def test_metrics_exposed(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("pdserve:time_to_first_token_seconds_count", "pdserve:time_per_output_token_seconds_count",
+                 "pdserve:inter_token_latency_seconds_count", "pdserve:e2e_request_latency_seconds_count",
+                 "pdserve:request_queue_time_seconds_count", 'pdserve:kv_cache_usage_perc{instance="mixed-0"'):
+        assert name in text, name
+    ok = [line for line in text.splitlines() if line.startswith('pdserve:requests_total') and '"ok"' in line]
+    assert ok and float(ok[0].split()[-1]) >= 5
+
+
+def test_sigterm_leaves_no_processes(server):
+    """Last in the module: stop the server as an operator would and look for strays."""
+    descendants = server.descendants()
+    assert descendants, "expected Ray and engine processes under pdserve serve"
+    assert server.terminate() is not None
+    deadline = time.monotonic() + 60
+    alive = descendants
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if p.is_running() and p.status() != "zombie"]
+        time.sleep(0.5)
+    assert not alive, [(p.pid, " ".join(p.cmdline())[:100]) for p in alive]
