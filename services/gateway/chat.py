@@ -108,8 +108,8 @@ async def _chunks(generation: Generation, model_name: str, include_usage: bool) 
     created = int(time.time())
 
     def chunk(choices: list, **extra: Any) -> str:
-        return event(ChatCompletionStreamResponse(id=generation.request_id, created=created, model=model_name,
-                                                  choices=choices, **extra))
+        return event(ChatCompletionStreamResponse(id=generation.request_id, object="chat.completion.chunk",
+                                                  created=created, model=model_name, choices=choices, **extra))
 
     # OpenAI clients expect the role first, in a chunk of its own per choice.
     yield chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))

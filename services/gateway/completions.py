@@ -106,9 +106,9 @@ async def _chunks(generation: Generation, model_name: str, echo: list[str] | Non
                 index=index, text=text, logprobs=_logprobs(delta.logprobs, offsets.get(index, 0)),
                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
             offsets[index] = offsets.get(index, 0) + len(text)
-            yield event(CompletionStreamResponse(id=generation.request_id, created=created, model=model_name,
-                                                 choices=[choice]))
+            yield event(CompletionStreamResponse(id=generation.request_id, object="text_completion",
+                                                 created=created, model=model_name, choices=[choice]))
     if include_usage:
         yield event(CompletionStreamResponse(
-            id=generation.request_id, created=created, model=model_name, choices=[],
+            id=generation.request_id, object="text_completion", created=created, model=model_name, choices=[],
             usage=usage(generation.num_prompt_tokens, generation.num_output_tokens)))

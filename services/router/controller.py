@@ -40,22 +40,22 @@ class Router:
         self._poller: asyncio.Task | None = None
 
     def snapshot(self) -> ClusterSnapshot:
-        instances = []
-        for iid, client in self.clients.items():
-            stats = self._stats.get(iid)
-            instances.append(InstanceSnapshot(
-                instance_id=iid,
-                role=client.info.role,
-                healthy=stats.healthy if stats else True,
-                num_running=stats.num_running if stats else 0,
-                num_waiting=stats.num_waiting if stats else 0,
-                outstanding=self._outstanding[iid],
-                outstanding_prefill_tokens=self._outstanding_prompt[iid],
-                kv_blocks_total=stats.kv_blocks_total if stats else 0,
-                kv_blocks_free=stats.kv_blocks_free if stats else 0,
-                block_size=client.info.block_size,
-            ))
-        return ClusterSnapshot(tuple(instances), now=time.monotonic())
+        instances = tuple(
+            InstanceSnapshot(
+                instance_id=stats.instance_id,
+                role=stats.role,
+                healthy=stats.healthy,
+                num_running=stats.num_running,
+                num_waiting=stats.num_waiting,
+                outstanding=self._outstanding[stats.instance_id],
+                outstanding_prefill_tokens=self._outstanding_prompt[stats.instance_id],
+                kv_blocks_total=stats.kv_blocks_total,
+                kv_blocks_free=stats.kv_blocks_free,
+                block_size=self.clients[stats.instance_id].info.block_size,
+            )
+            for stats in self.latest_stats()
+        )
+        return ClusterSnapshot(instances, now=time.monotonic())
 
     def latest_stats(self) -> list[EngineStats]:
         """Every instance's last reported stats (healthy until a report says otherwise)."""

@@ -92,6 +92,7 @@ def test_chat_stream_and_unary(gateway, served_model):
     stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, stream=True,
                                                  stream_options={"include_usage": True}))
     assert stream[0].choices[0].delta.role == "assistant"
+    assert {c.object for c in stream} == {"chat.completion.chunk"}
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == unary.choices[0].message.content
     assert stream[-1].usage.completion_tokens == 6

@@ -1,0 +1,87 @@
+"""The typed config tree: precedence, validation, flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pdserve.cli import serve as serve_cli
+from pdserve.shared.config import ServeConfig, env_overrides
+from pdserve.shared.errors import ConfigError
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_are_the_embedded_deployment(monkeypatch):
+    for var in ("PDSERVE_MODEL", "PDSERVE_API_KEY", "PDSERVE_HOST", "PDSERVE_PORT", "PDSERVE_RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    config = ServeConfig.load()
+    assert config.engine.model.endswith("demo_model")
+    assert config.engine.model_name == "demo_model"
+    assert (config.pools.mixed, config.pools.prefill, config.pools.decode) == (1, 0, 0)
+    assert (config.gateway.host, config.gateway.port) == ("127.0.0.1", 8000)
+    assert config.ray.address is None and config.gateway.api_key is None
+
+
+def test_precedence_file_env_flags(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("gateway: {port: 9000, host: 0.0.0.0}\nengine: {max_model_len: 512}\n")
+    monkeypatch.setenv("PDSERVE_PORT", "9100")
+    config = ServeConfig.load(path, serve_cli.flag_overrides(_parse("--max-model-len", "256")))
+    assert config.gateway.port == 9100  # env beats file
+    assert config.gateway.host == "0.0.0.0"  # file beats default
+    assert config.engine.max_model_len == 256  # flag beats file
+    config = ServeConfig.load(path, serve_cli.flag_overrides(_parse("--port", "9200")))
+    assert config.gateway.port == 9200  # flag beats env
+
+
+def test_engine_args_pass_through_as_json():
+    overrides = serve_cli.flag_overrides(_parse("--engine-arg", "swap_space=0", "--engine-arg", "tokenizer_mode=slow"))
+    assert overrides["engine"]["engine_args"] == {"swap_space": 0, "tokenizer_mode": "slow"}
+    with pytest.raises(ConfigError):
+        serve_cli.flag_overrides(_parse("--engine-arg", "novalue"))
+
+
+@pytest.mark.parametrize("yaml_text,fragment", [
+    ("pools: {mixed: 0}", "at least one engine instance"),
+    ("pools: {mixed: 0, prefill: 1}", "both prefill and decode"),
+    ("gateway: {routing_policy: random}", "unknown routing policy"),
+    ("gateway: {port: 70000}", "port"),
+    ("engine: {unknown_field: 1}", "unknown_field"),
+    ("- just a list", "mapping"),
+    ("gateway: {port: [", "cannot read"),
+])
+def test_invalid_configs_are_refused_with_reasons(tmp_path, yaml_text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        ServeConfig.load(path)
+    assert fragment in str(info.value)
+
+
+def test_prefill_decode_flags_drop_the_default_mixed_instance():
+    overrides = serve_cli.flag_overrides(_parse("--prefill", "1", "--decode", "2"))
+    config = ServeConfig.load(None, overrides)
+    assert (config.pools.mixed, config.pools.prefill, config.pools.decode) == (0, 1, 2)
+
+
+def test_env_overrides_read_only_known_variables():
+    env = {"PDSERVE_API_KEY": "k", "PDSERVE_MODEL": "/m", "UNRELATED": "x"}
+    assert env_overrides(env) == {"gateway": {"api_key": "k"}, "engine": {"model": "/m"}}
+    assert ServeConfig.load(None, env_overrides(env)).gateway.api_key.get_secret_value() == "k"
+
+
+def test_serve_help_documents_every_option(capsys):
+    from pdserve.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--host", "--port", "--address", "--mixed", "--prefill", "--decode", "--dtype",
+                 "--max-model-len", "--kv-cache-memory-bytes", "--api-key", "--config", "--engine-arg"):
+        assert flag in text
