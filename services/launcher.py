@@ -60,7 +60,7 @@ def serve(config: ServeConfig) -> int:
         pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace)
         info = pools.clients[0].info
         model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,
-                                 info.max_model_len)
+                                 info.max_model_len, info.max_logprobs)
         metrics = Metrics(model.name)
         router = Router(pools.clients, make_policy(config.gateway.routing_policy),
                         on_stats=metrics.observe_instance)

@@ -54,7 +54,7 @@ class EngineConfig(_Strict):
     seed: int = Field(0, description="Engine seed: with the same seed, sampled outputs repeat.")
     engine_args: dict[str, EngineArgValue] = Field(
         default_factory=dict,
-        description="Further vLLM engine arguments by their Python name (e.g. {'swap_space': 0}); checked at start-up.")
+        description="Further vLLM engine arguments by their Python name (e.g. {'max_logprobs': 50}); checked at start-up.")
 
     @property
     def model_name(self) -> str:

@@ -64,6 +64,7 @@ class EngineInfo:
     max_model_len: int
     block_size: int
     kv_blocks_total: int
+    max_logprobs: int = 20  # the engine refuses requests asking for more
 
 
 @dataclass

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="Engine seed (default 0).")
     g.add_argument("--engine-arg", action="append", default=[], metavar="NAME=JSON",
                    help="Any other vLLM engine argument by its Python name, value as JSON "
-                        "(e.g. --engine-arg swap_space=0). Repeatable.")
+                        "(e.g. --engine-arg max_logprobs=50). Repeatable.")
     p = parser.add_argument_group("pools")
     p.add_argument("--mixed", type=int, help="Instances running prefill and decode together (default 1).")
     p.add_argument("--prefill", type=int, help="Prefill-only instances.")

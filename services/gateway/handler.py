@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from pdserve.gateway.generation import Generation
-from pdserve.gateway.model import MAX_LOGPROBS, ServedModel
+from pdserve.gateway.model import ServedModel
 from pdserve.gateway.sse import DONE, error_event
 from pdserve.shared.errors import InvalidRequestError, PdserveError
 
@@ -33,8 +33,8 @@ def sampling_params(body: Any, max_tokens: int, model: ServedModel, logprobs: in
     """vLLM's SamplingParams from the request, range errors as 400s."""
     if getattr(body, "use_beam_search", False):
         raise InvalidRequestError("beam search is not supported", param="use_beam_search")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}",
+    if logprobs is not None and not 0 <= logprobs <= model.max_logprobs:
+        raise InvalidRequestError(f"logprobs must be between 0 and {model.max_logprobs}, got {logprobs}",
                                   param="logprobs")
     if body.n is not None and body.n < 1:
         raise InvalidRequestError(f"n must be at least 1, got {body.n}", param="n")
@@ -42,6 +42,11 @@ def sampling_params(body: Any, max_tokens: int, model: ServedModel, logprobs: in
         params = body.to_sampling_params(max_tokens, model.default_sampling_params)
     except client_errors() as exc:  # vLLM's own range checks (temperature, top_p, penalties, ...)
         raise as_invalid_request(exc) from exc
+    from vllm.sampling_params import RequestOutputKind
+
+    # Deltas even for non-streaming requests: the gateway times every token
+    # (TTFT, ITL) and the worker batches deltas per engine step anyway.
+    params.output_kind = RequestOutputKind.DELTA
     return params
 
 

@@ -13,9 +13,6 @@ from typing import Any
 
 from pdserve.shared.errors import ContextLengthExceededError, InvalidRequestError
 
-# The engine refuses more logprobs than this (vLLM's default `max_logprobs`);
-# checking here turns it into a 400 instead of a failure inside the engine.
-MAX_LOGPROBS = 20
 # Sampling defaults vLLM takes from a model's generation_config.json.
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -26,13 +23,16 @@ class ServedModel:
     tokenizer: Any  # a transformers tokenizer
     max_model_len: int
     default_sampling_params: dict[str, float] = field(default_factory=dict)
+    # The engine refuses more logprobs than this (its `max_logprobs`); checking
+    # in the gateway turns that into a 400 instead of a failure inside the engine.
+    max_logprobs: int = 20
 
     @classmethod
-    def load(cls, name: str, tokenizer_path: str, max_model_len: int) -> "ServedModel":
+    def load(cls, name: str, tokenizer_path: str, max_model_len: int, max_logprobs: int = 20) -> "ServedModel":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        return cls(name, tokenizer, max_model_len, _generation_defaults(tokenizer_path))
+        return cls(name, tokenizer, max_model_len, _generation_defaults(tokenizer_path), max_logprobs)
 
     # -- prompts ---------------------------------------------------------------
 

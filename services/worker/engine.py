@@ -154,6 +154,7 @@ class EngineWorker:
             max_model_len=vllm_config.model_config.max_model_len,
             block_size=vllm_config.cache_config.block_size,
             kv_blocks_total=vllm_config.cache_config.num_gpu_blocks or 0,
+            max_logprobs=vllm_config.model_config.max_logprobs,
         )
         logger.info("instance %s (%s) ready: %s", self.instance_id, self.role.value, self._info)
         return self._info

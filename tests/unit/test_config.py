@@ -41,8 +41,8 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
 
 
 def test_engine_args_pass_through_as_json():
-    overrides = serve_cli.flag_overrides(_parse("--engine-arg", "swap_space=0", "--engine-arg", "tokenizer_mode=slow"))
-    assert overrides["engine"]["engine_args"] == {"swap_space": 0, "tokenizer_mode": "slow"}
+    overrides = serve_cli.flag_overrides(_parse("--engine-arg", "max_logprobs=50", "--engine-arg", "tokenizer_mode=slow"))
+    assert overrides["engine"]["engine_args"] == {"max_logprobs": 50, "tokenizer_mode": "slow"}
     with pytest.raises(ConfigError):
         serve_cli.flag_overrides(_parse("--engine-arg", "novalue"))
 

@@ -1,0 +1,114 @@
+"""RayEngineClient's demultiplexing, abort-on-close and death handling, with a fake actor."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdserve.shared.config import EngineConfig
+from pdserve.shared.errors import ConfigError, EngineDeadError, EngineError
+from pdserve.shared.protocol import EngineInfo, EngineRequest, OutputDelta
+from pdserve.shared.roles import Role
+from pdserve.worker.client import RayEngineClient
+
+
+class _Method:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class FakeActor:
+    """Mimics an EngineWorker actor handle: `.method.remote(...)` returns awaitables."""
+
+    def __init__(self) -> None:
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.submitted: list[str] = []
+        self.aborted: list[str] = []
+        self.submit = _Method(self._submit)
+        self.abort = _Method(self._abort)
+        self.outputs = _Method(self._outputs)
+
+    async def _submit(self, request: EngineRequest) -> None:
+        self.submitted.append(request.request_id)
+
+    async def _abort(self, ids: list[str]) -> None:
+        self.aborted.extend(ids)
+
+    async def _outputs(self):
+        while True:
+            batch = await self.outbox.get()
+            if isinstance(batch, Exception):
+                raise batch
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(batch)
+            yield fut
+
+
+def _client(actor: FakeActor) -> RayEngineClient:
+    return RayEngineClient(actor, EngineInfo("mixed-0", Role.MIXED, "m", 128, 16, 64))
+
+
+def _delta(rid: str, text: str, finished: bool = False, error: str | None = None) -> OutputDelta:
+    return OutputDelta(rid, 0, [1], text, finish_reason="length" if finished else None,
+                       request_finished=finished, error=error)
+
+
+async def _collect(client, rid):
+    return [d.text async for d in client.generate(EngineRequest(rid, [1, 2], None))]
+
+
+async def test_batches_are_routed_to_their_requests():
+    actor = FakeActor()
+    client = _client(actor)
+    a = asyncio.create_task(_collect(client, "a"))
+    b = asyncio.create_task(_collect(client, "b"))
+    await asyncio.sleep(0.01)
+    actor.outbox.put_nowait([_delta("a", "a1"), _delta("b", "b1"), _delta("zombie", "x")])
+    actor.outbox.put_nowait([_delta("b", "b2", finished=True), _delta("a", "a2", finished=True)])
+    assert await a == ["a1", "a2"] and await b == ["b1", "b2"]
+    assert actor.aborted == []  # finished requests need no abort
+    await client.close()
+
+
+async def test_closing_early_aborts_in_the_engine():
+    actor = FakeActor()
+    client = _client(actor)
+    stream = client.generate(EngineRequest("r", [1], None))
+    first = asyncio.create_task(stream.__anext__())
+    await asyncio.sleep(0.01)
+    actor.outbox.put_nowait([_delta("r", "t1")])
+    assert (await first).text == "t1"
+    await stream.aclose()
+    assert actor.aborted == ["r"]
+    await client.close()
+
+
+async def test_engine_error_and_actor_death():
+    actor = FakeActor()
+    client = _client(actor)
+    failing = asyncio.create_task(_collect(client, "bad"))
+    await asyncio.sleep(0.01)
+    actor.outbox.put_nowait([_delta("bad", "", finished=True, error="ValueError: boom")])
+    with pytest.raises(EngineError, match="boom"):
+        await failing
+    waiting = asyncio.create_task(_collect(client, "w"))
+    await asyncio.sleep(0.01)
+    actor.outbox.put_nowait(RuntimeError("actor died"))
+    with pytest.raises(EngineDeadError, match="actor died"):
+        await waiting
+    assert not (await client.stats()).healthy
+    with pytest.raises(EngineDeadError):
+        await _collect(client, "later")
+    await client.close()
+
+
+def test_engine_args_from_config():
+    from pdserve.worker.engine import CPU_MEMORY_FRACTION, build_engine_args
+
+    args = build_engine_args(EngineConfig(model="/m", max_model_len=256, engine_args={"max_logprobs": 50}))
+    assert args.model == "/m" and args.max_model_len == 256 and args.max_logprobs == 50
+    assert args.gpu_memory_utilization == CPU_MEMORY_FRACTION  # this machine is a CPU one
+    assert args.disable_log_stats is False
+    with pytest.raises(ConfigError, match="no_such_arg"):
+        build_engine_args(EngineConfig(model="/m", engine_args={"no_such_arg": 1}))
