@@ -8,6 +8,7 @@ router -> gateway serving -> signal -> gateway drained -> engines shut down
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -33,6 +34,20 @@ def _init_ray(config: ServeConfig) -> None:
         ray.init(namespace=config.ray.namespace, num_cpus=num_cpus, include_dashboard=False)
     else:
         ray.init(address=config.ray.address, namespace=config.ray.namespace)
+
+
+def _reap(processes: list, grace_s: float = 10.0) -> None:
+    """End processes that outlived shutdown (Ray's per-node agents linger after their raylet)."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, still = psutil.wait_procs(alive, timeout=grace_s)
+    for proc in still:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def serve(config: ServeConfig) -> int:
@@ -75,9 +90,15 @@ def serve(config: ServeConfig) -> int:
     except KeyboardInterrupt:
         logger.info("interrupted")
     finally:
+        import psutil
+
+        # Everything a local Ray started descends from this process; joined
+        # clusters' processes are not ours to end.
+        ours = psutil.Process().children(recursive=True) if config.ray.address is None else []
         if pools is not None:
             stop_pools(pools)
         if ray.is_initialized():
             ray.shutdown()
+        _reap(ours)
         signal.signal(signal.SIGTERM, previous)
     return 0

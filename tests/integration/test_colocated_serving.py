@@ -96,13 +96,12 @@ def test_completions_stream_and_usage(client, tokenizer):
                                       extra_body={"ignore_eos": True})
     assert unary.usage.prompt_tokens == len(tokenizer.encode(prompt))
     assert unary.usage.completion_tokens == 12
-    assert unary.choices[0].text.strip()
+    assert unary.choices[0].text
     chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True,
                                             stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == unary.choices[0].text
     assert chunks[-1].usage.completion_tokens == 12
-    assert len(tokenizer.encode(unary.choices[0].text, add_special_tokens=False)) in range(10, 15)
 
 
 def test_chat_stream_and_usage(client, tokenizer):
