@@ -19,7 +19,7 @@ from pdserve.shared.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def _interrupt(signum, frame):  # SIGTERM during start-up: unwind through the cleanup below
+def _interrupt(signum, frame):  # SIGTERM: unwind through serve()'s cleanup
     raise KeyboardInterrupt
 
 
@@ -84,11 +84,13 @@ def serve(config: ServeConfig) -> int:
                              stats_interval_s=config.gateway.stats_interval_s)
         server = GatewayServer(create_app(state), config.gateway.host, config.gateway.port,
                                config.gateway.log_level)
-        signal.signal(signal.SIGTERM, previous)  # uvicorn handles SIGINT/SIGTERM from here on
+        # uvicorn handles SIGINT/SIGTERM while serving, then re-raises the signal
+        # it caught: our handler turns that into KeyboardInterrupt, so the
+        # cleanup below runs instead of the default action (death).
         logger.info("gateway on http://%s:%d serving %r", config.gateway.host, config.gateway.port, model.name)
         asyncio.run(server.serve())
     except KeyboardInterrupt:
-        logger.info("interrupted")
+        logger.info("stopping")
     finally:
         import psutil
 
@@ -101,4 +103,5 @@ def serve(config: ServeConfig) -> int:
             ray.shutdown()
         _reap(ours)
         signal.signal(signal.SIGTERM, previous)
+        logger.info("stopped")
     return 0
