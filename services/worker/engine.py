@@ -123,7 +123,6 @@ def _to_delta(output: Any, choice: Any, first: bool) -> OutputDelta:
         num_prompt_tokens=len(output.prompt_token_ids or ()),
         num_cached_tokens=output.num_cached_tokens or 0,
         queue_time_s=queue_time,
-        request_finished=output.finished,
     )
 
 
@@ -178,8 +177,13 @@ class EngineWorker:
                 request.request_id,
             )
             async for output in stream:
-                for choice in output.outputs:
-                    self._outbox.put_nowait(_to_delta(output, choice, choice.index not in seen))
+                last = len(output.outputs) - 1
+                for position, choice in enumerate(output.outputs):
+                    delta = _to_delta(output, choice, choice.index not in seen)
+                    # With n > 1 one output carries several choices: only its
+                    # last delta may tell the gateway the request is over.
+                    delta.request_finished = output.finished and position == last
+                    self._outbox.put_nowait(delta)
                     seen.add(choice.index)
         except asyncio.CancelledError:
             raise

@@ -120,9 +120,12 @@ def test_chat_stream_and_usage(client, tokenizer):
 
 def test_sampling_parameters_reach_the_engine(client):
     model = _model(client)
-    a = client.completions.create(model=model, prompt="The", max_tokens=10, temperature=1.0, seed=7, n=2)
-    b = client.completions.create(model=model, prompt="The", max_tokens=10, temperature=1.0, seed=7, n=2)
-    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    runs = [client.completions.create(model=model, prompt="The", max_tokens=10, temperature=1.0, seed=7, n=3,
+                                      extra_body={"ignore_eos": True}) for _ in range(3)]
+    for run in runs:  # every choice of an n>1 request arrives whole (its last delta included)
+        assert run.usage.completion_tokens == 30
+        assert [c.finish_reason for c in run.choices] == ["length"] * 3
+    assert len({tuple(c.text for c in run.choices) for run in runs}) == 1
     stopped = client.completions.create(model=model, prompt="Return a new list", max_tokens=40, temperature=0,
                                         stop=["the"], extra_body={"ignore_eos": True})
     assert "the" not in stopped.choices[0].text

@@ -112,3 +112,38 @@ def test_engine_args_from_config():
     assert args.disable_log_stats is False
     with pytest.raises(ConfigError, match="no_such_arg"):
         build_engine_args(EngineConfig(model="/m", engine_args={"no_such_arg": 1}))
+
+
+class _Choice:
+    def __init__(self, index: int, token: int, finish: str | None) -> None:
+        self.index, self.token_ids, self.text = index, [token], f"t{token}"
+        self.finish_reason, self.stop_reason, self.logprobs = finish, None, None
+
+
+class _Output:
+    def __init__(self, choices: list[_Choice], finished: bool) -> None:
+        self.request_id, self.outputs, self.finished = "r", choices, finished
+        self.prompt_token_ids, self.num_cached_tokens, self.metrics = [1, 2], 0, None
+
+
+class _FakeAsyncLLM:
+    """Yields what vLLM yields for n=2 in DELTA mode: both choices finishing in one output."""
+
+    def generate(self, prompt, params, request_id):
+        async def outputs():
+            yield _Output([_Choice(0, 5, None), _Choice(1, 6, None)], finished=False)
+            yield _Output([_Choice(0, 7, "length"), _Choice(1, 8, "length")], finished=True)
+
+        return outputs()
+
+
+async def test_worker_marks_only_the_last_delta_of_a_request_finished():
+    from pdserve.worker.engine import EngineWorker
+
+    worker = EngineWorker("mixed-0", Role.MIXED, EngineConfig(model="/m"))
+    worker._engine, worker._outbox = _FakeAsyncLLM(), asyncio.Queue()
+    await worker._run(EngineRequest("r", [1, 2], None))
+    deltas = [worker._outbox.get_nowait() for _ in range(worker._outbox.qsize())]
+    assert [(d.index, d.token_ids, d.request_finished) for d in deltas] == [
+        (0, [5], False), (1, [6], False), (0, [7], False), (1, [8], True)]
+    assert worker.stats().in_flight == 0
