@@ -12,9 +12,9 @@ import contextlib
 import logging
 import os
 import signal
+import tempfile
 
 from pdserve.shared.config import ServeConfig
-from pdserve.shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -56,29 +56,32 @@ def serve(config: ServeConfig) -> int:
     from pdserve.gateway.app import GatewayState, create_app
     from pdserve.gateway.model import ServedModel
     from pdserve.gateway.server import GatewayServer
+    from pdserve.kv_transfer.connector_meta import FileBoard
     from pdserve.router.controller import Router
     from pdserve.router.policy import make_policy
     from pdserve.shared.metrics import Metrics
     from pdserve.worker.pool import start_pools, stop_pools
 
-    if config.pools.prefill or config.pools.decode:
-        # The P->D handoff (KV transfer layer) is not built yet; refusing beats
-        # silently running whole requests on a decode-only instance.
-        raise ConfigError("prefill/decode pools need the KV transfer layer, which this build lacks; "
-                          "use mixed instances")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     pools = None
+    stack = contextlib.ExitStack()
     try:
         _init_ray(config)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own handler
         logger.info("starting %d engine instance(s) of %s", config.pools.total, config.engine.model)
-        pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace)
+        board_dir = None
+        if config.pools.prefill:
+            board_dir = config.kv_transfer.board_dir or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="pdserve-board-"))
+        pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace,
+                            kv=config.kv_transfer, board_dir=board_dir)
         info = pools.clients[0].info
         model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,
                                  info.max_model_len, info.max_logprobs)
         metrics = Metrics(model.name)
-        router = Router(pools.clients, make_policy(config.gateway.routing_policy),
-                        on_stats=metrics.observe_instance)
+        router = Router(pools.clients, make_policy(config.gateway.routing_policy), on_stats=metrics.observe_instance,
+                        board=FileBoard(board_dir) if board_dir else None,
+                        transfer_timeout_s=config.kv_transfer.transfer_timeout_s)
         api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None
         state = GatewayState(model, router, metrics, api_key=api_key,
                              stats_interval_s=config.gateway.stats_interval_s)
@@ -102,6 +105,7 @@ def serve(config: ServeConfig) -> int:
         if ray.is_initialized():
             ray.shutdown()
         _reap(ours)
+        stack.close()
         signal.signal(signal.SIGTERM, previous)
         logger.info("stopped")
     return 0

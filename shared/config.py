@@ -107,6 +107,18 @@ class GatewayConfig(_Strict):
         return value
 
 
+class KVTransferConfig(_Strict):
+    """How prefill instances hand KV caches to decode instances (disaggregated pools only)."""
+
+    transport: Literal["tcp", "gloo", "nccl"] = Field(
+        "tcp", description="KV transport between instances: tcp or gloo on CPU, nccl on GPUs.")
+    transfer_timeout_s: float = Field(
+        30.0, gt=0, description="A handoff not finished by then fails; decode recomputes the prompt.")
+    board_dir: str | None = Field(
+        None, description="Directory where decode instances post their block reservations "
+                          "(one host); default: a fresh temporary directory.")
+
+
 class RayConfig(_Strict):
     """Where the engine actors run."""
 
@@ -121,6 +133,7 @@ class ServeConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @classmethod

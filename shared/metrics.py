@@ -45,6 +45,14 @@ class Metrics:
         self.waiting = Gauge("pdserve:num_requests_waiting", "Requests queued in the engine.", labels, registry=r)
         self.kv_usage = Gauge("pdserve:kv_cache_usage_perc", "KV-cache usage, 0 to 1.", labels, registry=r)
         self.healthy = Gauge("pdserve:instance_healthy", "1 if the instance answers, else 0.", labels, registry=r)
+        self.kv_transfers = Gauge("pdserve:kv_transfers", "KV handoffs seen by an instance's connector since start, "
+                                  "by event (recv_done, recv_failed = recomputes, send_done, send_failed, ...).",
+                                  labels + ["event"], registry=r)
+        self.kv_bytes = Gauge("pdserve:kv_transfer_bytes", "KV-cache bytes an instance has sent since start.",
+                              labels, registry=r)
+        self.handoffs = Gauge("pdserve:handoffs", "Requests routed P->D since start, by outcome (handoffs, "
+                              "fallbacks_colocated, prefill_failures, first_token_mismatches).",
+                              ["model_name", "outcome"], registry=r)
 
     def observe_request(self, life: RequestLifecycle, finish_reasons: list[str]) -> None:
         """Record a finished request (any outcome)."""
@@ -70,6 +78,15 @@ class Metrics:
         self.waiting.labels(*labels).set(stats.num_waiting)
         self.kv_usage.labels(*labels).set(stats.kv_usage)
         self.healthy.labels(*labels).set(1 if stats.healthy else 0)
+        for event, value in stats.kv_transfer.items():
+            if event == "bytes_sent":
+                self.kv_bytes.labels(*labels).set(value)
+            else:
+                self.kv_transfers.labels(*labels, event).set(value)
+
+    def observe_handoffs(self, counters: dict[str, int]) -> None:
+        for outcome, value in counters.items():
+            self.handoffs.labels(self.model_name, outcome).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -79,6 +79,7 @@ class EngineStats:
     kv_blocks_total: int = 0
     in_flight: int = 0  # requests the worker holds (submitted, not yet finished)
     healthy: bool = True
+    kv_transfer: dict[str, float] = field(default_factory=dict)  # KV connector counters since start
 
     @property
     def kv_blocks_free(self) -> int:

@@ -156,6 +156,7 @@ def _install_routes(app: FastAPI, state: GatewayState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        state.metrics.observe_handoffs(state.router.handoff_counters)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/version")

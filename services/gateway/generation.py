@@ -15,7 +15,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from pdserve.router.controller import Router
+from pdserve.router.controller import Route, Router
 from pdserve.router.snapshot import RequestInfo
 from pdserve.shared.errors import PdserveError
 from pdserve.shared.lifecycle import Outcome, RequestLifecycle
@@ -55,7 +55,7 @@ class Generation:
     max_tokens: int
     life: RequestLifecycle = field(init=False)
     finish_reasons: list[str] = field(default_factory=list)
-    _placements: list[Any] = field(default_factory=list)
+    _placements: list[Route] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.life = RequestLifecycle(self.request_id, num_prompt_tokens=sum(map(len, self.prompts)))
@@ -91,7 +91,7 @@ class Generation:
             self.place()
         self.life.mark_dispatched()
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._run_one(i, client, queue)) for i, client in enumerate(self._placements)]
+        tasks = [asyncio.create_task(self._run_one(i, route, queue)) for i, route in enumerate(self._placements)]
         outcome = Outcome.ERROR
         try:
             remaining = len(tasks)
@@ -117,12 +117,12 @@ class Generation:
             self.life.finish(outcome)
             self.metrics.observe_request(self.life, self.finish_reasons)
 
-    async def _run_one(self, prompt_index: int, client, queue: asyncio.Queue) -> None:
+    async def _run_one(self, prompt_index: int, route: Route, queue: asyncio.Queue) -> None:
         prompt = self.prompts[prompt_index]
         request = EngineRequest(f"{self.request_id}-{prompt_index}", prompt, self.sampling_params)
         try:
-            with self.router.track(client.instance_id, len(prompt)):
-                async with contextlib.aclosing(client.generate(request)) as stream:
+            with self.router.track(route, len(prompt)):
+                async with contextlib.aclosing(self.router.stream(route, request)) as stream:
                     async for delta in stream:
                         queue.put_nowait((prompt_index, delta))
             queue.put_nowait((prompt_index, None))

@@ -13,26 +13,45 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Rejection, RequestInfo
-from pdserve.shared.errors import CapacityError, ContextLengthExceededError
-from pdserve.shared.protocol import EngineStats
+from pdserve.kv_transfer.connector_meta import ReservationBoard
+from pdserve.router.handoff import Handoff
+from pdserve.shared.errors import CapacityError, ConfigError, ContextLengthExceededError
+from pdserve.shared.protocol import EngineRequest, EngineStats, OutputDelta
 from pdserve.worker.client import EngineClient
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request runs: the same client twice when colocated."""
+
+    prefill: EngineClient
+    decode: EngineClient
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill is self.decode
 
 
 class Router:
     """Places requests on instances with a pure policy over a stats snapshot."""
 
     def __init__(self, clients: list[EngineClient], policy: PlacementPolicy,
-                 on_stats: Callable[[EngineStats], None] | None = None) -> None:
+                 on_stats: Callable[[EngineStats], None] | None = None,
+                 board: ReservationBoard | None = None, transfer_timeout_s: float = 30.0) -> None:
         if not clients:
             raise ValueError("the router needs at least one instance")
         self.clients = {c.instance_id: c for c in clients}
         self.policy = policy
+        self.board = board  # where decode instances post reservations (disaggregated pools)
+        self.transfer_timeout_s = transfer_timeout_s
+        self.handoff_counters: dict[str, int] = {}
         self._on_stats = on_stats
         self._stats: dict[str, EngineStats] = {}
         self._outstanding: dict[str, int] = {iid: 0 for iid in self.clients}
@@ -62,26 +81,35 @@ class Router:
         return [self._stats.get(iid) or EngineStats(iid, c.info.role, kv_blocks_total=c.info.kv_blocks_total)
                 for iid, c in self.clients.items()]
 
-    def place(self, request: RequestInfo) -> EngineClient:
-        """The instance to run `request` on; raises if it cannot be placed."""
+    def place(self, request: RequestInfo) -> Route:
+        """The instances to run `request` on; raises if it cannot be placed."""
         decision = self.policy.decide(request, self.snapshot())
         if isinstance(decision, Rejection):
             if decision.retryable:
                 raise CapacityError(decision.reason)
             raise ContextLengthExceededError(decision.reason)
-        # Colocated serving for now: prefill == decode (the disaggregated path adds the handoff).
-        return self.clients[decision.decode]
+        return Route(prefill=self.clients[decision.prefill], decode=self.clients[decision.decode])
+
+    def stream(self, route: Route, request: EngineRequest) -> AsyncIterator[OutputDelta]:
+        """The request's deltas from its route: one engine, or P then D with a KV handoff."""
+        if route.colocated:
+            return route.decode.generate(request)
+        if self.board is None:
+            raise ConfigError("disaggregated routes need a reservation board")
+        return Handoff(route.prefill, route.decode, self.board, self.transfer_timeout_s,
+                       self.handoff_counters).stream(request)
 
     @contextlib.contextmanager
-    def track(self, instance_id: str, prompt_tokens: int):
-        """Count a request as outstanding on an instance while the block runs."""
-        self._outstanding[instance_id] += 1
-        self._outstanding_prompt[instance_id] += prompt_tokens
+    def track(self, route: Route, prompt_tokens: int):
+        """Count a request as outstanding on its instances while the block runs."""
+        decode, prefill = route.decode.instance_id, route.prefill.instance_id
+        self._outstanding[decode] += 1
+        self._outstanding_prompt[prefill] += prompt_tokens
         try:
             yield
         finally:
-            self._outstanding[instance_id] -= 1
-            self._outstanding_prompt[instance_id] -= prompt_tokens
+            self._outstanding[decode] -= 1
+            self._outstanding_prompt[prefill] -= prompt_tokens
 
     async def refresh(self) -> None:
         """Fetch every instance's stats once."""

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from typing import Any, AsyncIterator
 
-from pdserve.shared.config import EngineConfig
+from pdserve.shared.config import EngineConfig, KVTransferConfig
 from pdserve.shared.errors import ConfigError
 from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
 from pdserve.shared.roles import Role
@@ -29,7 +29,20 @@ logger = logging.getLogger(__name__)
 CPU_MEMORY_FRACTION = 0.15
 
 
-def build_engine_args(config: EngineConfig) -> Any:
+def connector_config(instance_id: str, kv: KVTransferConfig, board_dir: str) -> dict[str, Any]:
+    """vLLM `kv_transfer_config` plugging pdserve's P/D connector into an engine."""
+    return {
+        "kv_connector": "PDConnector",
+        "kv_connector_module_path": "pdserve.kv_transfer.connector",
+        "kv_role": "kv_both",
+        "engine_id": instance_id,
+        "kv_load_failure_policy": "recompute",  # a failed handoff recomputes on decode
+        "kv_connector_extra_config": {"board": board_dir, "transport": kv.transport,
+                                      "transfer_timeout_s": kv.transfer_timeout_s},
+    }
+
+
+def build_engine_args(config: EngineConfig, kv_transfer_config: dict[str, Any] | None = None) -> Any:
     """`AsyncEngineArgs` from our config; unknown pass-through names are refused."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
@@ -58,6 +71,8 @@ def build_engine_args(config: EngineConfig) -> Any:
         or (CPU_MEMORY_FRACTION if current_platform.is_cpu() else None),
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if kv_transfer_config is not None:
+        kwargs["kv_transfer_config"] = kv_transfer_config
     kwargs.update(config.engine_args)
     return AsyncEngineArgs(**kwargs)
 
@@ -69,6 +84,7 @@ class _SchedulerStatsHolder:
         self.num_running = 0
         self.num_waiting = 0
         self.kv_usage = 0.0
+        self.kv_transfer: dict[str, float] = {}  # the KV connector's counters, summed since start
 
 
 def _stat_logger_factory(holder: _SchedulerStatsHolder):
@@ -83,6 +99,10 @@ def _stat_logger_factory(holder: _SchedulerStatsHolder):
                 self.holder.num_running = scheduler_stats.num_running_reqs
                 self.holder.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
                 self.holder.kv_usage = scheduler_stats.kv_cache_usage
+                # The connector reports per-interval counts; keep running totals.
+                for key, value in (scheduler_stats.kv_connector_stats or {}).items():
+                    if isinstance(value, (int, float)):
+                        self.holder.kv_transfer[key] = self.holder.kv_transfer.get(key, 0) + value
 
         def log_engine_initialized(self) -> None:
             pass
@@ -129,10 +149,12 @@ def _to_delta(output: Any, choice: Any, first: bool) -> OutputDelta:
 class EngineWorker:
     """Hosts one vLLM engine. Wrapped with `ray.remote` by the pool that starts it."""
 
-    def __init__(self, instance_id: str, role: Role, config: EngineConfig) -> None:
+    def __init__(self, instance_id: str, role: Role, config: EngineConfig,
+                 kv_transfer_config: dict[str, Any] | None = None) -> None:
         self.instance_id = instance_id
         self.role = role
         self.config = config
+        self.kv_transfer_config = kv_transfer_config
         self._engine: Any = None
         self._info: EngineInfo | None = None
         self._stats = _SchedulerStatsHolder()
@@ -143,7 +165,7 @@ class EngineWorker:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._outbox = asyncio.Queue()
-        args = build_engine_args(self.config)
+        args = build_engine_args(self.config, self.kv_transfer_config)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
         vllm_config = self._engine.vllm_config
         self._info = EngineInfo(
@@ -226,6 +248,7 @@ class EngineWorker:
             kv_usage=self._stats.kv_usage,
             kv_blocks_total=self._info.kv_blocks_total if self._info else 0,
             in_flight=len(self._tasks),
+            kv_transfer=dict(self._stats.kv_transfer),
         )
 
     def shutdown(self) -> None:

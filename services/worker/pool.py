@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from pdserve.shared.config import EngineConfig, PoolsConfig
+from pdserve.shared.config import EngineConfig, KVTransferConfig, PoolsConfig
 from pdserve.shared.errors import EngineError
 from pdserve.shared.roles import Role
 from pdserve.worker.client import RayEngineClient
-from pdserve.worker.engine import EngineWorker
+from pdserve.worker.engine import EngineWorker, connector_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +34,29 @@ def _instances(pools: PoolsConfig) -> list[tuple[str, Role]]:
     return [(f"{role.value}-{i}", role) for role, count in plan for i in range(count)]
 
 
-def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str = "pdserve") -> Pools:
-    """Create and start every instance; raises `EngineError` if any fails to start."""
+def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str = "pdserve",
+                kv: KVTransferConfig | None = None, board_dir: str | None = None) -> Pools:
+    """Create and start every instance; raises `EngineError` if any fails to start.
+
+    Prefill and decode instances get pdserve's KV connector (`kv` and the
+    reservation `board_dir` are then required); mixed instances run plain vLLM.
+    """
     import ray
 
     actor_cls = ray.remote(EngineWorker)
     actors = []
     for instance_id, role in _instances(pools):
+        connector = None
+        if role is not Role.MIXED:
+            if kv is None or board_dir is None:
+                raise EngineError("prefill/decode instances need a KV transfer config and a board directory")
+            connector = connector_config(instance_id, kv, board_dir)
         actor = actor_cls.options(
             name=f"{namespace_prefix}-{instance_id}",
             num_cpus=pools.cpus_per_instance,
             num_gpus=pools.gpus_per_instance,
             max_concurrency=1000,  # one long-lived outputs() stream plus control calls
-        ).remote(instance_id, role, engine)
+        ).remote(instance_id, role, engine, connector)
         actors.append(actor)
     try:
         infos = ray.get([a.start.remote() for a in actors])

@@ -1,0 +1,118 @@
+"""`pdserve serve --prefill 1 --decode 1`: P->D through the gateway on real vLLM-CPU engines.
+
+The prompt's KV moves from the prefill instance into blocks the decode
+instance reserved (pdserve's KV connector over TCP); greedy output must equal
+one colocated engine's (vLLM's offline `LLM`), token for token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MAX_LEN = 2048
+GEN_TOKENS = 12
+KV_BYTES = str(192 * 1024 * 1024)
+LENGTHS = [1, 2, 5, 17, 50, 100, 200, 300, 400, 500, 640, 777, 900, 1000, 1100, 1250, 1400, 1500, 1700, 1900]
+VOCAB = 4096
+
+
+def _prompt(length: int) -> list[int]:
+    rng = random.Random(length)
+    return [rng.randrange(3, VOCAB) for _ in range(length)]
+
+
+@pytest.fixture(scope="module")
+def started(serve_factory):
+    return serve_factory("--prefill", "1", "--decode", "1", "--max-model-len", str(MAX_LEN),
+                         "--kv-cache-memory-bytes", KV_BYTES)
+
+
+@pytest.fixture(scope="module")
+def reference(started, demo_model_dir):
+    """Greedy token ids of one colocated engine (offline vLLM, in-process) for every prompt."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(demo_model_dir), max_model_len=MAX_LEN, kv_cache_memory_bytes=int(KV_BYTES),
+              enforce_eager=True, seed=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=_prompt(n)) for n in LENGTHS],
+                           SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
+    result = {n: list(o.outputs[0].token_ids) for n, o in zip(LENGTHS, outputs)}
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    mp.undo()
+    return result
+
+
+@pytest.fixture(scope="module")
+def server(started, reference):
+    started.wait_ready()
+    return started
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _instances(server) -> dict[str, dict]:
+    return {i["instance_id"]: i for i in httpx.get(server.url + "/health", timeout=10).json()["instances"]}
+
+
+def test_handoff_output_equals_colocated(server, reference):
+    def ask(n: int) -> dict:
+        body = {"prompt": _prompt(n), "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        resp = httpx.post(server.url + "/v1/completions", json=body, timeout=600)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = dict(zip(LENGTHS, pool.map(ask, LENGTHS)))
+    for n in LENGTHS:
+        assert answers[n]["choices"][0]["token_ids"] == reference[n], f"prompt of {n} tokens"
+        assert answers[n]["usage"]["completion_tokens"] == GEN_TOKENS
+    time.sleep(2)  # two stats refreshes
+    text = httpx.get(server.url + "/metrics").text
+    assert _metric(text, "pdserve:handoffs", outcome="handoffs") == len(LENGTHS)
+    assert _metric(text, "pdserve:handoffs", outcome="fallbacks_colocated") == 0
+    # D received every prompt's KV (a 1-token prompt has none to move) and recomputed none.
+    assert _metric(text, "pdserve:kv_transfers", instance="decode-0", event="recv_done") == len(LENGTHS) - 1
+    assert _metric(text, "pdserve:kv_transfers", instance="decode-0", event="recv_failed") == 0
+    assert _metric(text, "pdserve:kv_transfer_bytes", instance="prefill-0") > 0
+
+
+def test_streaming_first_token_from_prefill(server, reference):
+    n = 640
+    body = {"prompt": _prompt(n), "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert len(events) >= GEN_TOKENS  # a chunk per token: P's first, then D's
+
+
+def test_disconnects_free_blocks_on_both_sides(server):
+    for n in (300, 1000, 1500):
+        body = {"prompt": _prompt(n), "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as resp:
+            lines = resp.iter_lines()
+            [next(lines) for _ in range(4)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = _instances(server)
+        if all(s["in_flight"] == 0 and s["num_running"] == 0 and s["kv_usage"] == 0.0 for s in stats.values()):
+            break
+        time.sleep(0.5)
+    assert all(s["in_flight"] == 0 and s["num_running"] == 0 for s in stats.values()), stats
+    assert all(s["kv_usage"] == 0.0 for s in stats.values()), stats
