@@ -67,9 +67,9 @@ class EngineConfig(_Strict):
 class PoolsConfig(_Strict):
     """How many engine instances of each role, and what each one reserves in Ray."""
 
-    mixed: int = Field(1, ge=0, description="Instances that run prefill and decode colocated.")
-    prefill: int = Field(0, ge=0, description="Prefill-only instances (disaggregated serving).")
-    decode: int = Field(0, ge=0, description="Decode-only instances (disaggregated serving).")
+    mixed: int = Field(0, ge=0, description="Instances that run prefill and decode colocated.")
+    prefill: int = Field(1, ge=0, description="Prefill instances (disaggregated serving).")
+    decode: int = Field(1, ge=0, description="Decode instances (disaggregated serving).")
     cpus_per_instance: float = Field(1.0, gt=0, description="Ray CPUs each instance reserves.")
     gpus_per_instance: float = Field(0.0, ge=0, description="Ray GPUs each instance reserves (0 on CPU machines).")
 

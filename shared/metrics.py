@@ -48,6 +48,10 @@ class Metrics:
         self.kv_transfers = Gauge("pdserve:kv_transfers", "KV handoffs seen by an instance's connector since start, "
                                   "by event (recv_done, recv_failed = recomputes, send_done, send_failed, ...).",
                                   labels + ["event"], registry=r)
+        self.kv_seconds = Gauge("pdserve:kv_transfer_seconds", "Seconds of KV handoff since start on a prefill "
+                                "instance: `transfer` (first layer sent to last acknowledged) and `exposed` "
+                                "(the part after the prompt's compute ended, not overlapped).",
+                                labels + ["kind"], registry=r)
         self.kv_bytes = Gauge("pdserve:kv_transfer_bytes", "KV-cache bytes an instance has sent since start.",
                               labels, registry=r)
         self.handoffs = Gauge("pdserve:handoffs", "Requests routed P->D since start, by outcome (handoffs, "
@@ -81,6 +85,8 @@ class Metrics:
         for event, value in stats.kv_transfer.items():
             if event == "bytes_sent":
                 self.kv_bytes.labels(*labels).set(value)
+            elif event.endswith("_s"):
+                self.kv_seconds.labels(*labels, event.removesuffix("_s")).set(value)
             else:
                 self.kv_transfers.labels(*labels, event).set(value)
 

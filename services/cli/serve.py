@@ -1,7 +1,9 @@
 """Serve a model behind an OpenAI-compatible gateway.
 
-With no arguments: a local Ray, the bundled demo model, one `mixed` engine
-instance on CPU, and the gateway on http://127.0.0.1:8000. Settings come from
+With no arguments: a local Ray, the bundled demo model, one prefill and one
+decode engine instance on CPU (the KV cache of every request moves from the
+first to the second), and the gateway on http://127.0.0.1:8000. `--mode
+colocated` runs one `mixed` instance instead (prefill and decode together). Settings come from
 field defaults, then --config FILE (YAML, same tree as `pdserve.shared.config`),
 then PDSERVE_* environment variables, then these flags. Ctrl-C or SIGTERM stops
 the gateway, the engines and the local Ray.
@@ -45,9 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Any other vLLM engine argument by its Python name, value as JSON "
                         "(e.g. --engine-arg max_logprobs=50). Repeatable.")
     p = parser.add_argument_group("pools")
-    p.add_argument("--mixed", type=int, help="Instances running prefill and decode together (default 1).")
-    p.add_argument("--prefill", type=int, help="Prefill-only instances.")
-    p.add_argument("--decode", type=int, help="Decode-only instances.")
+    p.add_argument("--mode", choices=["disaggregated", "colocated"],
+                   help="disaggregated (default): prefill and decode pools with KV handoff; "
+                        "colocated: mixed instances only (--mixed of them, default 1).")
+    p.add_argument("--mixed", type=int, help="Instances running prefill and decode together (default 0).")
+    p.add_argument("--prefill", type=int, help="Prefill instances (default 1).")
+    p.add_argument("--decode", type=int, help="Decode instances (default 1).")
     p.add_argument("--cpus-per-instance", type=float, help="Ray CPUs each instance reserves (default 1).")
     p.add_argument("--gpus-per-instance", type=float, help="Ray GPUs each instance reserves (default 0).")
     w = parser.add_argument_group("gateway")
@@ -97,9 +102,11 @@ def flag_overrides(args: argparse.Namespace) -> dict:
             extra[name] = raw  # a bare string
     if extra:
         out.setdefault("engine", {})["engine_args"] = extra
-    # Setting only disaggregated pools means no mixed instance unless asked for.
-    if ("prefill" in out.get("pools", {}) or "decode" in out.get("pools", {})) and args.mixed is None:
-        out["pools"]["mixed"] = 0
+    if args.mode == "colocated":
+        pools = out.setdefault("pools", {})
+        if pools.get("prefill") or pools.get("decode"):
+            raise ConfigError("--mode colocated runs mixed instances only; drop --prefill/--decode")
+        pools.update(prefill=0, decode=0, mixed=pools.get("mixed") or 1)
     return out
 
 

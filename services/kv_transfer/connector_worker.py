@@ -28,6 +28,7 @@ has freed and given to another request.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ from pdserve.kv_transfer.registry import EndpointRegistry
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("recv_done", "recv_failed", "recv_aborted", "send_done", "send_failed", "bytes_sent")
+COUNTERS = ("recv_done", "recv_failed", "recv_aborted", "send_done", "send_failed", "bytes_sent", "blocks_sent",
+            "transfer_s", "exposed_s")
 
 
 def detect_order(kv: torch.Tensor, head_dim: int) -> str:
@@ -67,6 +69,15 @@ class _Send:
     spec: SendSpec
     sender: KVSender | None  # None: opening failed
     layers_sent: int = 0
+    first_layer_at: float | None = None  # monotonic: the first layer went to the wire
+    compute_done_at: float | None = None  # the forward that produced the last layer ended
+    done_at: float | None = None  # the receiver acknowledged every layer
+
+    def timing(self) -> tuple[float, float] | None:
+        """(transfer time, exposed time): the part after the compute ended is not overlapped."""
+        if None in (self.first_layer_at, self.compute_done_at, self.done_at):
+            return None
+        return self.done_at - self.first_layer_at, max(0.0, self.done_at - self.compute_done_at)
 
 
 class PDWorkerSide:
@@ -163,7 +174,10 @@ class PDWorkerSide:
         except TransferError as exc:
             log.warning("request %s: cannot send transfer %s: %s", spec.req_id, spec.transfer_id, exc)
             return _Send(spec, None)
-        return _Send(spec, sender)
+        send = _Send(spec, sender)
+        # Runs on the transport's thread when the receiver has acknowledged everything (or it ended).
+        sender.add_done_callback(lambda state: setattr(send, "done_at", time.monotonic()))
+        return send
 
     # -- inside the forward (P) ---------------------------------------------------------
     def save_layer(self, layer_name: str) -> None:
@@ -182,12 +196,19 @@ class PDWorkerSide:
             except TransferError as exc:  # D ended it (abort, timeout): the rest is moot
                 log.info("request %s: layer %d not sent: %s", send.spec.req_id, layer, exc)
                 continue
+            if send.first_layer_at is None:
+                send.first_layer_at = time.monotonic()
             send.layers_sent += 1
             self.counters["bytes_sent"] += blocks.numel() * blocks.element_size()
+            if layer == 0:
+                self.counters["blocks_sent"] += len(send.spec.local_block_ids)
 
     # -- per step, after the forward ------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving) request ids."""
+        now = time.monotonic()
+        for send in self._step_sends:  # the forward that produced their layers is over
+            send.compute_done_at = now
         self._step_sends = []
         self._finished_reqs |= finished_req_ids
         recving, failed = self._collect_loads()
@@ -233,6 +254,10 @@ class PDWorkerSide:
             self._finished_reqs.discard(rid)
             done.add(rid)
             self.counters["send_done" if state is TransferState.DONE else "send_failed"] += 1
+            timing = send.timing() if state is TransferState.DONE else None
+            if timing is not None:
+                self.counters["transfer_s"] += timing[0]
+                self.counters["exposed_s"] += timing[1]
         # Finished requests that never had a send here need no memory.
         self._finished_reqs &= set(self._sends)
         return done

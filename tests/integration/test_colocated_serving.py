@@ -1,6 +1,6 @@
 """`pdserve serve` on real vLLM-CPU engines in Ray, driven with the `openai` package.
 
-One server for the module (the embedded default: local Ray, demo model, one
+One server for the module (local Ray, demo model, `--mode colocated`: one
 `mixed` instance), plus vLLM's offline `LLM` as the reference for greedy output.
 """
 
@@ -37,7 +37,7 @@ def tokenizer(demo_model_dir):
 @pytest.fixture(scope="module")
 def started(serve_factory):
     """The server process, launched first so that it boots while the reference runs."""
-    return serve_factory("--max-model-len", str(MAX_LEN), "--kv-cache-memory-bytes", KV_BYTES)
+    return serve_factory("--mode", "colocated", "--max-model-len", str(MAX_LEN), "--kv-cache-memory-bytes", KV_BYTES)
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,47 @@ def test_disconnects_free_blocks_on_both_sides(server):
         time.sleep(0.5)
     assert all(s["in_flight"] == 0 and s["num_running"] == 0 for s in stats.values()), stats
     assert all(s["kv_usage"] == 0.0 for s in stats.values()), stats
+
+
+def test_200_requests_aborted_at_random_moments_leak_no_blocks(server, reference):
+    """Queued, prefilling, transferring, decoding: wherever the abort lands, both sides free everything."""
+    import asyncio
+
+    rng = random.Random(2024)
+    plan = [(rng.choice(LENGTHS), rng.random() < 0.5, rng.uniform(0.0, 2.5)) for _ in range(200)]
+
+    async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore, n: int, stream: bool, abort_after: float):
+        body = {"prompt": _prompt(n), "max_tokens": 200, "ignore_eos": True, "stream": stream}
+        async with gate:
+            async def call():
+                if stream:
+                    async with client.stream("POST", server.url + "/v1/completions", json=body) as resp:
+                        async for _ in resp.aiter_lines():
+                            pass
+                else:
+                    await client.post(server.url + "/v1/completions", json=body)
+            try:
+                await asyncio.wait_for(call(), timeout=abort_after)  # the client goes away
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_all():
+        gate = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=300) as client:
+            await asyncio.gather(*(one(client, gate, *item) for item in plan))
+
+    asyncio.run(run_all())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        stats = _instances(server)
+        if all(s["in_flight"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_usage"] == 0.0
+               for s in stats.values()):
+            break
+        time.sleep(1)
+    assert all(s["in_flight"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats.values()), stats
+    assert all(s["kv_usage"] == 0.0 for s in stats.values()), stats  # every block free again, on P and on D
+    # And the pair still hands off correctly afterwards.
+    body = {"prompt": _prompt(777), "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    answer = httpx.post(server.url + "/v1/completions", json=body, timeout=300).json()
+    assert answer["choices"][0]["token_ids"] == reference[777]

@@ -23,7 +23,7 @@ def test_defaults_are_the_embedded_deployment(monkeypatch):
     config = ServeConfig.load()
     assert config.engine.model.endswith("demo_model")
     assert config.engine.model_name == "demo_model"
-    assert (config.pools.mixed, config.pools.prefill, config.pools.decode) == (1, 0, 0)
+    assert (config.pools.mixed, config.pools.prefill, config.pools.decode) == (0, 1, 1)
     assert (config.gateway.host, config.gateway.port) == ("127.0.0.1", 8000)
     assert config.ray.address is None and config.gateway.api_key is None
 
@@ -48,8 +48,8 @@ def test_engine_args_pass_through_as_json():
 
 
 @pytest.mark.parametrize("yaml_text,fragment", [
-    ("pools: {mixed: 0}", "at least one engine instance"),
-    ("pools: {mixed: 0, prefill: 1}", "both prefill and decode"),
+    ("pools: {prefill: 0, decode: 0}", "at least one engine instance"),
+    ("pools: {decode: 0}", "both prefill and decode"),
     ("gateway: {routing_policy: random}", "unknown routing policy"),
     ("gateway: {port: 70000}", "port"),
     ("engine: {unknown_field: 1}", "unknown_field"),
@@ -64,10 +64,15 @@ def test_invalid_configs_are_refused_with_reasons(tmp_path, yaml_text, fragment)
     assert fragment in str(info.value)
 
 
-def test_prefill_decode_flags_drop_the_default_mixed_instance():
-    overrides = serve_cli.flag_overrides(_parse("--prefill", "1", "--decode", "2"))
-    config = ServeConfig.load(None, overrides)
+def test_pool_flags_and_modes():
+    config = ServeConfig.load(None, serve_cli.flag_overrides(_parse("--prefill", "1", "--decode", "2")))
     assert (config.pools.mixed, config.pools.prefill, config.pools.decode) == (0, 1, 2)
+    config = ServeConfig.load(None, serve_cli.flag_overrides(_parse("--mode", "colocated")))
+    assert (config.pools.mixed, config.pools.prefill, config.pools.decode) == (1, 0, 0)
+    config = ServeConfig.load(None, serve_cli.flag_overrides(_parse("--mode", "colocated", "--mixed", "3")))
+    assert (config.pools.mixed, config.pools.prefill, config.pools.decode) == (3, 0, 0)
+    with pytest.raises(ConfigError, match="colocated"):
+        serve_cli.flag_overrides(_parse("--mode", "colocated", "--prefill", "2"))
 
 
 def test_env_overrides_read_only_known_variables():
@@ -82,6 +87,6 @@ def test_serve_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--host", "--port", "--address", "--mixed", "--prefill", "--decode", "--dtype",
+    for flag in ("--model", "--host", "--port", "--address", "--mode", "--mixed", "--prefill", "--decode", "--dtype",
                  "--max-model-len", "--kv-cache-memory-bytes", "--api-key", "--config", "--engine-arg"):
         assert flag in text
