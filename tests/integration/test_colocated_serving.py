@@ -41,22 +41,11 @@ def started(serve_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(started, demo_model_dir, tokenizer):
+def reference(started, demo_model_dir, tokenizer, offline_greedy):
     """Greedy token ids from vLLM's offline LLM for each prompt (in-process engine)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(model=str(demo_model_dir), max_model_len=MAX_LEN, kv_cache_memory_bytes=int(KV_BYTES),
-              enforce_eager=True, seed=0)
-    prompts = [TokensPrompt(prompt_token_ids=tokenizer.encode(p)) for p in PROMPTS]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
-    result = {p: list(o.outputs[0].token_ids) for p, o in zip(PROMPTS, outputs)}
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    mp.undo()
-    return result
+    outputs = offline_greedy(demo_model_dir, [tokenizer.encode(p) for p in PROMPTS], MAX_LEN, int(KV_BYTES),
+                             GEN_TOKENS)
+    return dict(zip(PROMPTS, outputs))
 
 
 @pytest.fixture(scope="module")

@@ -35,22 +35,10 @@ def started(serve_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(started, demo_model_dir):
+def reference(started, demo_model_dir, offline_greedy):
     """Greedy token ids of one colocated engine (offline vLLM, in-process) for every prompt."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(model=str(demo_model_dir), max_model_len=MAX_LEN, kv_cache_memory_bytes=int(KV_BYTES),
-              enforce_eager=True, seed=0)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=_prompt(n)) for n in LENGTHS],
-                           SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True))
-    result = {n: list(o.outputs[0].token_ids) for n, o in zip(LENGTHS, outputs)}
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    mp.undo()
-    return result
+    outputs = offline_greedy(demo_model_dir, [_prompt(n) for n in LENGTHS], MAX_LEN, int(KV_BYTES), GEN_TOKENS)
+    return dict(zip(LENGTHS, outputs))
 
 
 @pytest.fixture(scope="module")
