@@ -58,7 +58,7 @@ def serve(config: ServeConfig) -> int:
     from pdserve.gateway.server import GatewayServer
     from pdserve.kv_transfer.connector_meta import FileBoard
     from pdserve.router.controller import Router
-    from pdserve.router.policy import make_policy
+    from pdserve.router.registry import make_policy
     from pdserve.shared.metrics import Metrics
     from pdserve.worker.pool import start_pools, stop_pools
 

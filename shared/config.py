@@ -93,14 +93,14 @@ class GatewayConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on (0: any free port).")
     api_key: SecretStr | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
-    routing_policy: str = Field("least_loaded", description="Placement policy (round_robin, least_loaded, kv_jsq).")
+    routing_policy: str = Field("least_loaded", description="Placement policy (round_robin, least_loaded, kv_jsq, splitwise).")
     stats_interval_s: float = Field(0.5, gt=0, description="How often instance stats are refreshed for routing and metrics.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Gateway log level.")
 
     @field_validator("routing_policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        from pdserve.router.policy import POLICIES
+        from pdserve.router.registry import POLICIES
 
         if value not in POLICIES:
             raise ValueError(f"unknown routing policy {value!r}; choose from {sorted(POLICIES)}")

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--host", help="Listen address (default 127.0.0.1).")
     w.add_argument("--port", type=int, help="Listen port (default 8000; 0 picks a free one).")
     w.add_argument("--api-key", help="Require `Authorization: Bearer KEY` (or set PDSERVE_API_KEY).")
-    w.add_argument("--routing-policy", help="round_robin, least_loaded (default) or kv_jsq.")
+    w.add_argument("--routing-policy", help="round_robin, least_loaded (default), kv_jsq or splitwise.")
     w.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="Log level (default info).")
     r = parser.add_argument_group("ray")
     r.add_argument("--address", help="Join this Ray cluster (e.g. auto); default: start a local one.")

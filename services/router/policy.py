@@ -12,7 +12,7 @@ only `mixed` instances, the same instance does both.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from pdserve.router.snapshot import (
     ClusterSnapshot,
@@ -117,19 +117,3 @@ class ShortestQueueKV(PlacementPolicy):
 
     def pick_prefill(self, request, candidates):
         return min(candidates, key=lambda i: (i.outstanding_prefill_tokens, i.num_waiting, i.instance_id))
-
-
-POLICIES: dict[str, Callable[[], PlacementPolicy]] = {
-    cls.name: cls for cls in (RoundRobin, LeastLoaded, ShortestQueueKV)
-}
-
-
-class UnknownPolicyError(ValueError):
-    """A policy name that is not in `POLICIES`."""
-
-
-def make_policy(name: str) -> PlacementPolicy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise UnknownPolicyError(f"unknown routing policy {name!r}; choose from {sorted(POLICIES)}") from None

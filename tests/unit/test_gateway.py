@@ -14,7 +14,7 @@ from pdserve.gateway.app import GatewayState, create_app
 from pdserve.gateway.model import ServedModel
 from pdserve.gateway.server import GatewayServer
 from pdserve.router.controller import Router
-from pdserve.router.policy import make_policy
+from pdserve.router.registry import make_policy
 from pdserve.shared.metrics import Metrics
 from pdserve.worker.fake_engine import FakeEngineClient, FaultPlan
 

@@ -1,0 +1,401 @@
+"""Discrete-event simulator of a prefill/decode cluster, driven by a trace.
+
+Placement and admission are the router's own: every arrival is decided by a
+`pdserve.router` `PlacementPolicy` reading a `ClusterSnapshot` built from the
+simulated instances, exactly as the live controller builds one from engine
+stats. The core is pure: no I/O, no clocks; a run is deterministic.
+
+Instance model (one engine, like vLLM without chunked prefill, as in
+Splitwise's simulator):
+- An iteration is either a prefill iteration (FIFO prompts up to
+  `max_prefill_tokens`, at least one; the running decode batch rides along
+  and advances one token: mixed batching) or a decode run.
+- A decode run is a sequence of equal steps with an unchanged batch. It is
+  simulated as one event that ends when the first request of the batch
+  finishes; an arrival (a prompt to prefill, a KV cache to join) cuts it at
+  the next step boundary. Events grow with requests, not tokens, which is
+  what makes an hour of trace on 70 machines take seconds.
+- A decode instance reserves KV for prompt + output tokens before the
+  request's prefill starts, so nothing is ever preempted; the reservation is
+  freed when the request finishes. A request the policy places where KV is
+  short (the base policies queue rather than refuse) waits at that instance,
+  FIFO, until blocks free up; its wait counts in TTFT.
+- KV handoff from a prefill instance to a different decode instance takes
+  `latency + max(T * (1 - overlap), T - prefill_duration)` with
+  T = prompt tokens x KV bytes per token / bandwidth: layer-wise sending
+  hides up to `overlap` of the transfer behind the prefill that produces it.
+  The first token is emitted at the end of the prefill: TTFT never waits for
+  the handoff.
+
+Admission: a retryable rejection (a policy that refuses when KV is short)
+waits in the router's FIFO queue and is re-decided whenever a request
+finishes, up to `admission_timeout_s`; non-retryable ones are rejected at
+once. Every request ends either finished or rejected with the policy's reason.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from pdserve.planner.perf_model import PerfModel
+from pdserve.planner.trace import Trace
+from pdserve.router.policy import PlacementPolicy
+from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Placement, RequestInfo
+from pdserve.shared.roles import Role
+
+_ARRIVE, _ITER_END, _KV_READY = 0, 1, 2
+_EPS = 1e-9
+
+
+class LinkConfig(BaseModel):
+    """The link the KV cache crosses from a prefill to a decode instance."""
+
+    bandwidth_gbps: float = Field(200.0, description="GB/s between two machines (DGX-A100: 8 x 200 Gb/s IB = 200 GB/s).")
+    latency_s: float = Field(0.0005, description="Fixed cost per handoff (handshake, first byte), seconds.")
+    overlap: float = Field(0.95, ge=0.0, le=1.0,
+                           description="Fraction of the transfer that layer-wise sending can hide behind the prefill.")
+
+    def handoff_time(self, kv_bytes: float, prefill_duration: float) -> float:
+        transfer = kv_bytes / (self.bandwidth_gbps * 1e9)
+        return self.latency_s + max(transfer * (1.0 - self.overlap), transfer - prefill_duration)
+
+
+class SimConfig(BaseModel):
+    """Engine and router limits shared by every instance of a simulated cluster."""
+
+    block_size: int = Field(16, description="KV block size in tokens (vLLM's default).")
+    max_batch_size: int = Field(512, description="Most requests in one decode batch (Splitwise's simulator: 512).")
+    max_prefill_tokens: int = Field(2048, description="Prompt tokens batched into one prefill iteration; a longer "
+                                                      "prompt runs alone (Splitwise's max_batch_tokens).")
+    kv_bytes_per_token: int = Field(327680, description="KV bytes per token, for handoff times (Llama-2-70B fp16).")
+    admission_timeout_s: float = Field(60.0, description="How long a request may wait for KV room before it is "
+                                                         "rejected; 0 rejects at once.")
+    link: LinkConfig = Field(default_factory=LinkConfig)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One simulated engine instance."""
+
+    instance_id: str
+    role: Role
+    hardware: str
+    perf: PerfModel
+    kv_tokens: int  # KV capacity in tokens
+
+
+@dataclass
+class _Instance:
+    spec: InstanceSpec
+    kv_blocks_total: int
+    kv_free: int
+    prefill_queue: deque = field(default_factory=deque)
+    joins: deque = field(default_factory=deque)  # KV ready, waiting for a batch slot
+    kv_wait: deque = field(default_factory=deque)  # placed here, waiting for KV blocks to free
+    kv_wait_blocks: int = 0
+    finish_heap: list = field(default_factory=list)  # (finish_step, request)
+    steps: int = 0  # decode steps completed so far
+    ctx_base: int = 0  # sum(prompt + 1 - join_step) over the running batch
+    outstanding: int = 0
+    pending_prefill_tokens: int = 0
+    busy: bool = False
+    kind: int = 0  # 1 prefill iteration, 2 decode run
+    start: float = 0.0
+    step_time: float = 0.0
+    planned_steps: int = 0
+    batch: list = field(default_factory=list)  # requests in the running prefill iteration
+    rides_along: bool = False  # decoders advance a step in this prefill iteration
+    version: int = 0
+    busy_time: float = 0.0
+    pos: int = 0  # index in the simulator's instance list
+
+
+@dataclass
+class SimResult:
+    """Per-request outcome, in trace order; times in seconds from the trace's start."""
+
+    arrival: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    first_token: np.ndarray  # NaN if rejected
+    finish: np.ndarray  # NaN if rejected
+    handoff: np.ndarray  # exposed KV handoff, 0 if colocated
+    colocated: np.ndarray  # bool
+    reject_reason: list  # None, or the reason
+    busy_fraction: dict  # instance id -> busy time / makespan
+    wall_s: float
+    events: int
+
+    @property
+    def finished(self) -> np.ndarray:
+        return ~np.isnan(self.finish)
+
+    @property
+    def ttft(self) -> np.ndarray:
+        return self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> np.ndarray:
+        return self.finish - self.arrival
+
+    @property
+    def tpot(self) -> np.ndarray:
+        """Mean time per output token after the first; NaN for one-token requests."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.output > 1, (self.finish - self.first_token) / (self.output - 1), np.nan)
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(r is not None for r in self.reject_reason)
+
+    @property
+    def requests_per_wall_s(self) -> float:
+        return len(self.arrival) / self.wall_s if self.wall_s > 0 else float("inf")
+
+
+class Simulator:
+    """One cluster, one policy; `run(trace)` may be called once."""
+
+    def __init__(self, instances: list[InstanceSpec], policy: PlacementPolicy, config: SimConfig | None = None):
+        self.cfg = config or SimConfig()
+        self.policy = policy
+        bs = self.cfg.block_size
+        self.inst = [_Instance(s, s.kv_tokens // bs, s.kv_tokens // bs, pos=k) for k, s in enumerate(instances)]
+        self.index = {s.instance_id: i for i, s in enumerate(instances)}
+        if len(self.index) != len(instances):
+            raise ValueError("instance ids must be unique")
+        self.events: list = []
+        self.seq = 0
+        self.admission: deque = deque()
+        self._snaps: list = [None] * len(self.inst)
+        self._dirty: set[int] = set(range(len(self.inst)))
+
+    # ---- event plumbing
+    def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, a, b))
+
+    def run(self, trace: Trace) -> SimResult:
+        wall0 = time.perf_counter()
+        n = len(trace)
+        self.arrival, self.prompt, self.output = trace.arrival, trace.prompt.tolist(), trace.output.tolist()
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.handoff = np.zeros(n)
+        self.placement: list[tuple[int, int] | None] = [None] * n
+        self.join_step = [0] * n
+        self.reasons: list[str | None] = [None] * n
+        arrivals = trace.arrival.tolist()
+        for r, t in enumerate(arrivals):  # pre-sorted: a heap of arrivals would only cost time
+            self.events.append((t, r - n, _ARRIVE, r, 0))
+        heapq.heapify(self.events)
+        count, now = 0, 0.0
+        while self.events:
+            now, _, kind, a, b = heapq.heappop(self.events)
+            count += 1
+            if kind == _ARRIVE:
+                self._arrive(a, now)
+            elif kind == _ITER_END:
+                self._iteration_end(self.inst[a], b, now)
+            else:
+                self._kv_ready(a, b, now)
+        for r in self.admission:
+            self._reject(r, "still waiting for KV room when the trace ended")
+        self.admission.clear()
+        makespan = max(now, 1e-12)
+        return SimResult(trace.arrival, trace.prompt, trace.output, self.first_token, self.finish, self.handoff,
+                         np.array([p is not None and p[0] == p[1] for p in self.placement]), self.reasons,
+                         {i.spec.instance_id: i.busy_time / makespan for i in self.inst},
+                         time.perf_counter() - wall0, count)
+
+    # ---- router side
+    def _snapshot(self, now: float) -> ClusterSnapshot:
+        # Snapshots are immutable: rebuild only the instances that changed since the last decision.
+        snaps, dirty = self._snaps, self._dirty
+        for k in dirty:
+            i = self.inst[k]
+            snaps[k] = InstanceSnapshot(
+                instance_id=i.spec.instance_id, role=i.spec.role, num_running=len(i.finish_heap),
+                num_waiting=len(i.prefill_queue) + len(i.joins) + len(i.kv_wait), outstanding=i.outstanding,
+                outstanding_prefill_tokens=i.pending_prefill_tokens, kv_blocks_total=i.kv_blocks_total,
+                kv_blocks_free=max(i.kv_free - i.kv_wait_blocks, 0), block_size=self.cfg.block_size, hardware=i.spec.hardware)
+        dirty.clear()
+        return ClusterSnapshot(tuple(snaps), now)
+
+    def _decide(self, r: int, now: float):
+        info = RequestInfo(str(r), self.prompt[r], self.output[r], float(self.arrival[r]))
+        return self.policy.decide(info, self._snapshot(now))
+
+    def _arrive(self, r: int, now: float) -> None:
+        self.admission.append(r)
+        if len(self.admission) == 1:
+            self._drain_admission(now)
+
+    def _drain_admission(self, now: float) -> None:
+        timeout = self.cfg.admission_timeout_s
+        while self.admission:
+            r = self.admission[0]
+            if now - self.arrival[r] > timeout:
+                self.admission.popleft()
+                self._reject(r, f"no KV room within the admission timeout ({timeout:g} s)")
+                continue
+            decision = self._decide(r, now)
+            if isinstance(decision, Placement):
+                self.admission.popleft()
+                self._dispatch(r, decision, now)
+            elif not decision.retryable or timeout <= 0:
+                self.admission.popleft()
+                self._reject(r, decision.reason)
+            else:
+                return  # FIFO: the head waits for capacity, and so does everyone behind it
+
+    def _reject(self, r: int, reason: str) -> None:
+        self.reasons[r] = reason
+
+    def _blocks(self, r: int) -> int:
+        return -(-(self.prompt[r] + self.output[r]) // self.cfg.block_size)
+
+    def _dispatch(self, r: int, placement: Placement, now: float) -> None:
+        p, d = self.index[placement.prefill], self.index[placement.decode]
+        self.placement[r] = (p, d)
+        dec = self.inst[d]
+        dec.outstanding += 1
+        self._dirty.add(dec.pos)
+        if dec.kv_wait or dec.kv_free < self._blocks(r):
+            # placed where KV is short (the policy may queue rather than refuse):
+            # the engine holds it until enough blocks free up, FIFO
+            dec.kv_wait.append(r)
+            dec.kv_wait_blocks += self._blocks(r)
+            return
+        self._reserve_and_prefill(r, now)
+
+    def _reserve_and_prefill(self, r: int, now: float) -> None:
+        p, d = self.placement[r]
+        dec, pre = self.inst[d], self.inst[p]
+        dec.kv_free -= self._blocks(r)
+        if p != d:
+            pre.outstanding += 1
+        pre.prefill_queue.append(r)
+        pre.pending_prefill_tokens += self.prompt[r]
+        self._dirty.add(pre.pos)
+        self._wake(pre, now)
+
+    # ---- engine side
+    def _wake(self, inst: _Instance, now: float) -> None:
+        """New work at `inst`: start now if idle, or cut a decode run at its next step boundary."""
+        if not inst.busy:
+            self._start_iteration(inst, now)
+        elif inst.kind == 2:
+            done = (now - inst.start) / inst.step_time
+            steps = math.floor(done + _EPS)
+            if done - steps > _EPS:
+                steps += 1  # mid-step: the step in flight completes first
+            if steps < inst.planned_steps:
+                inst.planned_steps = steps
+                inst.version += 1
+                self._push(inst.start + steps * inst.step_time, _ITER_END, inst.pos,
+                           inst.version)
+
+    def _start_iteration(self, inst: _Instance, now: float) -> None:
+        cap = self.cfg.max_batch_size
+        while inst.joins and len(inst.finish_heap) < cap:
+            self._join(inst, inst.joins.popleft())
+        self._dirty.add(inst.pos)
+        running = len(inst.finish_heap)
+        if inst.prefill_queue:
+            batch, tokens = [], 0
+            while inst.prefill_queue and (not batch or tokens + self.prompt[inst.prefill_queue[0]]
+                                          <= self.cfg.max_prefill_tokens):
+                r = inst.prefill_queue.popleft()
+                batch.append(r)
+                tokens += self.prompt[r]
+            duration = inst.spec.perf.prefill_time(tokens + running)
+            inst.kind, inst.batch, inst.rides_along = 1, batch, running > 0
+        elif running:
+            ctx = inst.ctx_base + running * inst.steps
+            inst.step_time = inst.spec.perf.decode_step_time(running, ctx)
+            inst.planned_steps = inst.finish_heap[0][0] - inst.steps
+            inst.kind = 2
+            duration = inst.planned_steps * inst.step_time
+        else:
+            inst.busy = False
+            return
+        inst.busy, inst.start = True, now
+        inst.version += 1
+        self._push(now + duration, _ITER_END, inst.pos, inst.version)
+
+    def _join(self, inst: _Instance, r: int) -> None:
+        self.join_step[r] = inst.steps
+        inst.ctx_base += self.prompt[r] + 1 - inst.steps
+        heapq.heappush(inst.finish_heap, (inst.steps + self.output[r] - 1, r))
+
+    def _iteration_end(self, inst: _Instance, version: int, now: float) -> None:
+        if version != inst.version:
+            return  # superseded: the run was cut short
+        inst.busy_time += now - inst.start
+        self._dirty.add(inst.pos)
+        if inst.kind == 1:
+            if inst.rides_along:
+                inst.steps += 1
+            self._finish_decoders(inst, now)
+            for r in inst.batch:
+                self._prefilled(inst, r, now)
+            inst.batch = []
+        else:
+            inst.steps += inst.planned_steps
+            self._finish_decoders(inst, now)
+        inst.busy = False
+        self._start_iteration(inst, now)
+
+    def _prefilled(self, inst: _Instance, r: int, now: float) -> None:
+        self.first_token[r] = now
+        inst.pending_prefill_tokens -= self.prompt[r]
+        self._dirty.add(inst.pos)
+        p, d = self.placement[r]
+        if self.output[r] <= 1:
+            self._finish(r, now)
+            return
+        if p == d:
+            inst.joins.append(r)  # colocated: joins at the iteration that starts now
+            return
+        inst.outstanding -= 1  # the prefill instance's part is done
+        delay = self.cfg.link.handoff_time(self.prompt[r] * self.cfg.kv_bytes_per_token, now - inst.start)
+        self.handoff[r] = delay
+        self._push(now + delay, _KV_READY, r, d)
+
+    def _kv_ready(self, r: int, d: int, now: float) -> None:
+        inst = self.inst[d]
+        inst.joins.append(r)
+        self._dirty.add(inst.pos)
+        self._wake(inst, now)
+
+    def _finish_decoders(self, inst: _Instance, now: float) -> None:
+        heap = inst.finish_heap
+        while heap and heap[0][0] <= inst.steps:
+            _, r = heapq.heappop(heap)
+            inst.ctx_base -= self.prompt[r] + 1 - self.join_step[r]
+            self._finish(r, now)
+
+    def _finish(self, r: int, now: float) -> None:
+        self.finish[r] = now
+        p, d = self.placement[r]
+        dec = self.inst[d]
+        dec.kv_free += self._blocks(r)
+        dec.outstanding -= 1
+        if self.output[r] <= 1 and p != d:
+            self.inst[p].outstanding -= 1
+            self._dirty.add(p)
+        self._dirty.add(dec.pos)
+        while dec.kv_wait and self._blocks(dec.kv_wait[0]) <= dec.kv_free:
+            waiter = dec.kv_wait.popleft()
+            dec.kv_wait_blocks -= self._blocks(waiter)
+            self._reserve_and_prefill(waiter, now)
+        if self.admission:
+            self._drain_admission(now)
