@@ -1,6 +1,7 @@
 """Per-request lifecycle timestamps and the latencies derived from them.
 
-Lifecycle: arrival -> dispatched (placed on an instance) -> first token ->
+Lifecycle: arrival -> dispatched (placed on an instance) -> first token (from
+the prefill instance when disaggregated) -> [handoff: decode's first step] ->
 further tokens -> finished (ok | error | aborted | rejected). Times are
 `time.monotonic()` seconds taken in the gateway, so every latency is what a
 client next to the gateway would see. Definitions as in vLLM's benchmark:
@@ -34,6 +35,7 @@ class RequestLifecycle:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     queue_time_s: float | None = None  # reported by the engine
+    handoff_s: float | None = None  # disaggregated only: prefill's token -> decode's first step
     inter_token: list[float] = field(default_factory=list)
 
     def mark_dispatched(self) -> None:

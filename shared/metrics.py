@@ -40,6 +40,9 @@ class Metrics:
                              ["model_name"], buckets=_LATENCY, registry=r)
         self.queue = Histogram("pdserve:request_queue_time_seconds", "Time waiting in the engine before scheduling.",
                                ["model_name"], buckets=_LATENCY, registry=r)
+        self.handoff = Histogram("pdserve:kv_handoff_seconds", "Disaggregated requests: prefill's first token to "
+                                 "decode's first step (KV handoff plus scheduling), as the gateway sees it.",
+                                 ["model_name"], buckets=_LATENCY, registry=r)
         labels = ["model_name", "instance", "role"]
         self.running = Gauge("pdserve:num_requests_running", "Requests in the engine's running batch.", labels, registry=r)
         self.waiting = Gauge("pdserve:num_requests_waiting", "Requests queued in the engine.", labels, registry=r)
@@ -70,7 +73,7 @@ class Metrics:
         self.prompt_tokens.labels(m).inc(life.num_prompt_tokens)
         self.generation_tokens.labels(m).inc(life.num_output_tokens)
         for value, hist in ((life.ttft, self.ttft), (life.tpot, self.tpot), (life.e2e, self.e2e),
-                            (life.queue_time_s, self.queue)):
+                            (life.queue_time_s, self.queue), (life.handoff_s, self.handoff)):
             if value is not None:
                 hist.labels(m).observe(value)
         for gap in life.inter_token:

@@ -51,6 +51,7 @@ class OutputDelta:
     num_cached_tokens: int = 0
     queue_time_s: float | None = None  # engine-side queued -> scheduled, on the first delta
     request_finished: bool = False  # every choice of the request is done
+    handoff_s: float | None = None  # disaggregated: P's first token -> D's first step, on D's first delta
     error: str | None = None  # the engine failed this request
 
 

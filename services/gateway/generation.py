@@ -135,6 +135,8 @@ class Generation:
         self.life.mark_tokens(len(delta.token_ids))
         if delta.queue_time_s is not None and self.life.queue_time_s is None:
             self.life.queue_time_s = delta.queue_time_s
+        if delta.handoff_s is not None:
+            self.life.handoff_s = delta.handoff_s
         if delta.finish_reason is not None:
             self.finish_reasons.append(delta.finish_reason)
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
 from typing import Any, AsyncIterator
 
 from pdserve.kv_transfer.connector_meta import PARAMS_KEY, DecodeParams, ReservationBoard
@@ -122,6 +123,9 @@ class Handoff:
         """D's deltas, less the first token (and its text) that P already delivered."""
         skip_tokens = 1 if first is not None else 0
         skip_text = len(first.text) if first is not None else 0
+        first_at = time.monotonic()
+        pending_handoff: float | None = None  # measured on D's first delta, reported on the first one yielded
+        measured = first is None
         while True:
             item = await queue.get()
             if item is _DONE:
@@ -129,6 +133,9 @@ class Handoff:
             if isinstance(item, BaseException):
                 raise item
             delta: OutputDelta = item
+            if not measured:
+                pending_handoff = time.monotonic() - first_at  # D's first step: the KV has landed
+                measured = True
             if skip_tokens and delta.token_ids:
                 if first is not None and delta.token_ids[0] != first.token_ids[0]:
                     self._count("first_token_mismatches")
@@ -140,6 +147,9 @@ class Handoff:
                 delta = dataclasses.replace(delta, text=delta.text[cut:])
                 skip_text -= cut
             if delta.token_ids or delta.text or delta.finish_reason or delta.request_finished:
+                if pending_handoff is not None:
+                    delta = dataclasses.replace(delta, handoff_s=pending_handoff)
+                    pending_handoff = None
                 yield delta
 
     async def _pump(self, request: EngineRequest, queue: asyncio.Queue) -> None:

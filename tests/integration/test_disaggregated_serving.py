@@ -79,6 +79,8 @@ def test_handoff_output_equals_colocated(server, reference):
     assert _metric(text, "pdserve:kv_transfers", instance="decode-0", event="recv_done") == len(LENGTHS) - 1
     assert _metric(text, "pdserve:kv_transfers", instance="decode-0", event="recv_failed") == 0
     assert _metric(text, "pdserve:kv_transfer_bytes", instance="prefill-0") > 0
+    # Every request's handoff (P's token -> D's first step) is in the lifecycle histogram.
+    assert _metric(text, "pdserve:kv_handoff_seconds_count") == len(LENGTHS)
 
 
 def test_streaming_first_token_from_prefill(server, reference):

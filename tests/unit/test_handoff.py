@@ -63,6 +63,8 @@ async def test_output_equals_colocated_and_first_token_comes_from_prefill():
     assert decode.submitted[0].sampling_params.extra_args["kv_transfer_params"]["pd_remote_prefill"] is True
     assert counters == {"handoffs": 1}
     assert not prefill.in_flight and not decode.in_flight
+    handoffs = [d.handoff_s for d in deltas if d.handoff_s is not None]
+    assert len(handoffs) == 1 and handoffs[0] >= 0 and deltas[1].handoff_s is not None  # on D's first delta
 
 
 async def test_sampling_gets_one_seed_for_both_instances():
@@ -79,6 +81,7 @@ async def test_no_reservation_runs_colocated_on_prefill():
                         EngineRequest("r", [5, 6], _params()))
     assert [t for d in deltas for t in d.token_ids] == [prefill.token_at([5, 6], 0, i) for i in range(6)]
     assert counters == {"fallbacks_colocated": 1}
+    assert all(d.handoff_s is None for d in deltas)
     assert not decode.in_flight and decode.aborted  # D's half was aborted
 
 
