@@ -18,52 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import httpx
 
+from pdserve.serve_process import ServeProcess
+
 VOCAB = 4096
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, args: list[str], log_path: str) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.log = open(log_path, "w")
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port", self.url.rsplit(":", 1)[1],
-                                      "--log-level", "warning", *args], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
-
-    def wait(self, timeout_s: float = 900) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("server did not start")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
-        self.log.close()
 
 
 def one_request(url: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
@@ -117,15 +81,16 @@ def main() -> None:
               "--kv-cache-memory-bytes", str(512 << 20)]
     results = {}
     for name, extra in (("colocated", ["--mode", "colocated"]), ("disaggregated", [])):
-        server = Server(common + extra, os.path.join(args.log_dir, f"bench_disagg_{name}.log"))
+        server = ServeProcess(common + extra + ["--log-level", "warning"],
+                              Path(args.log_dir) / f"bench_disagg_{name}.log")
         try:
-            server.wait()
+            server.wait_ready()
             results[name] = measure(server.url, args.lengths, args.requests, args.max_tokens)
             if name == "disaggregated":
                 time.sleep(2)  # a stats refresh
                 transfer, exposed = exposed_share(server.url)
         finally:
-            server.stop()
+            server.terminate()
     print(f"\n{'prompt':>7} | {'TTFT colo ms':>12} {'TTFT disagg ms':>14} {'ratio':>6} | "
           f"{'TPOT colo ms':>12} {'TPOT disagg ms':>14} {'ratio':>6}")
     for n in args.lengths:
