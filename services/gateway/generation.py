@@ -21,6 +21,7 @@ from pdserve.shared.errors import PdserveError
 from pdserve.shared.lifecycle import Outcome, RequestLifecycle
 from pdserve.shared.metrics import Metrics
 from pdserve.shared.protocol import EngineRequest, OutputDelta, TokenLogprob
+from pdserve.shared.streams import END, drain
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Generation:
             remaining = len(tasks)
             while remaining:
                 prompt_index, item = await queue.get()
-                if item is None:
+                if item is END:
                     remaining -= 1
                     continue
                 if isinstance(item, BaseException):
@@ -120,16 +121,8 @@ class Generation:
     async def _run_one(self, prompt_index: int, route: Route, queue: asyncio.Queue) -> None:
         prompt = self.prompts[prompt_index]
         request = EngineRequest(f"{self.request_id}-{prompt_index}", prompt, self.sampling_params)
-        try:
-            with self.router.track(route, len(prompt)):
-                async with contextlib.aclosing(self.router.stream(route, request)) as stream:
-                    async for delta in stream:
-                        queue.put_nowait((prompt_index, delta))
-            queue.put_nowait((prompt_index, None))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # handed to the consumer, which raises it in the request's context
-            queue.put_nowait((prompt_index, exc))
+        with self.router.track(route, len(prompt)):
+            await drain(lambda: self.router.stream(route, request), queue, prompt_index)
 
     def _record(self, delta: OutputDelta) -> None:
         self.life.mark_tokens(len(delta.token_ids))

@@ -28,12 +28,10 @@ from pdserve.kv_transfer.connector_meta import PARAMS_KEY, DecodeParams, Reserva
 from pdserve.kv_transfer.errors import TransferTimeout
 from pdserve.shared.errors import EngineError
 from pdserve.shared.protocol import EngineRequest, OutputDelta
+from pdserve.shared.streams import END, drain
 from pdserve.worker.client import EngineClient
 
 logger = logging.getLogger(__name__)
-
-_DONE = object()
-
 
 def _with_params(params: Any, **changes: Any) -> Any:
     clone = params.clone()
@@ -74,7 +72,7 @@ class Handoff:
                                   _with_params(params, extra_args=_transfer_args(params, DecodeParams(tid).to_dict())),
                                   request.arrival_time)
         queue: asyncio.Queue = asyncio.Queue()
-        decode_task = asyncio.create_task(self._pump(on_decode, queue))
+        decode_task = asyncio.create_task(drain(lambda: self.decode.generate(on_decode), queue))
         try:
             try:
                 reservation = await asyncio.to_thread(self.board.take, tid, self.timeout_s)
@@ -127,8 +125,8 @@ class Handoff:
         pending_handoff: float | None = None  # measured on D's first delta, reported on the first one yielded
         measured = first is None
         while True:
-            item = await queue.get()
-            if item is _DONE:
+            _, item = await queue.get()
+            if item is END:
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -151,14 +149,3 @@ class Handoff:
                     delta = dataclasses.replace(delta, handoff_s=pending_handoff)
                     pending_handoff = None
                 yield delta
-
-    async def _pump(self, request: EngineRequest, queue: asyncio.Queue) -> None:
-        try:
-            async with contextlib.aclosing(self.decode.generate(request)) as stream:
-                async for delta in stream:
-                    queue.put_nowait(delta)
-            queue.put_nowait(_DONE)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # raised in the consumer's context
-            queue.put_nowait(exc)
