@@ -21,6 +21,8 @@ import argparse
 import os
 import sys
 
+from pdserve.planner.perf_model import DECODE_MODELS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
@@ -42,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("performance and hardware")
     g.add_argument("--profile", action="append", default=None, metavar="PATH",
                    help="Profile CSV (repeatable); 'splitwise' for Splitwise's (local copy or verified download).")
-    g.add_argument("--decode-model", default="batch", choices=("batch", "splitwise-sim"),
-                   help="batch: decode step time grows with batch size and context, as measured (default); "
-                   "splitwise-sim: as Splitwise's simulator computes it (about flat in batch size).")
+    g.add_argument("--decode-model", default="physical", choices=DECODE_MODELS,
+                   help="physical: weights + KV bytes over memory bandwidth plus per-request compute, fitted to the "
+                   "profile and bounded by the machine's peaks (default); batch: piecewise linear in batch size, "
+                   "extended linearly; splitwise-sim: as Splitwise's simulator (about flat in batch size).")
     g.add_argument("--model", required=True, help="Model name as in the profile's `model` column.")
     g.add_argument("--weight-gb", type=float, help="Model weights, GB per instance (built in for llama2-70b).")
     g.add_argument("--kv-bytes-per-token", type=int, help="KV bytes per token (built in for llama2-70b).")
@@ -73,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_planner(args):
     """Everything a search needs, from the arguments (shared with tests and scripts)."""
-    from pdserve.planner.hardware import DEFAULT_MACHINES, parse_machine, resolve_model
+    from pdserve.planner.hardware import DEFAULT_MACHINES, decode_limits, parse_machine, resolve_model
     from pdserve.planner.perf_model import ProfileSet, resolve_profile
     from pdserve.planner.search import Family, Planner
     from pdserve.planner.simulator import LinkConfig, SimConfig
@@ -94,7 +97,8 @@ def build_planner(args):
     families = [Family.parse(f) for f in args.families.split(",") if f]
     baseline = Family.parse(args.baseline) if args.baseline else families[0]
     ref_machine = machines[args.slo_reference or baseline.prompt]
-    checker = SloChecker(slos, profiles.get(model.name, ref_machine.profile_hardware, ref_machine.tensor_parallel))
+    checker = SloChecker(slos, profiles.get(model.name, ref_machine.profile_hardware, ref_machine.tensor_parallel,
+                                            decode_limits(model, ref_machine)))
     make_policy(args.policy)  # fail now on an unknown name, not in a worker
     cfg = SimConfig(max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                     kv_bytes_per_token=model.kv_bytes_per_token,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from pdserve.planner.decode_model import DecodeLimits
 from pdserve.planner.errors import SpecError
 
 
@@ -24,6 +25,10 @@ class MachineType(BaseModel):
     power_kw: float = Field(description="Provisioned power of one machine, kW.")
     memory_gb: float = Field(description="Accelerator memory of the whole machine, GB (weights + KV).")
     memory_utilization: float = Field(0.9, description="Fraction of memory the engine may use (vLLM's gpu_memory_utilization).")
+    memory_bandwidth_gbps: float | None = Field(None, gt=0, description="Peak memory bandwidth of the whole machine, "
+                                                "GB/s: no decode step is modelled faster than its bytes over this.")
+    peak_tflops: float | None = Field(None, gt=0, description="Peak dense 16-bit TFLOP/s of the whole machine: "
+                                      "no decode step is modelled faster than its FLOPs over this.")
 
 
 class ModelSpec(BaseModel):
@@ -32,6 +37,12 @@ class ModelSpec(BaseModel):
     name: str = Field(description="The `model` value of the model's rows in the profile CSV.")
     weight_gb: float = Field(description="Weights, GB, on one instance (all tensor-parallel ranks together).")
     kv_bytes_per_token: int = Field(description="2 x layers x KV heads x head dim x bytes per element.")
+    bytes_per_param: float = Field(2.0, gt=0, description="Bytes per weight (fp16/bf16: 2); FLOPs per token "
+                                   "are 2 x parameters.")
+
+    @property
+    def flops_per_token(self) -> float:
+        return 2.0 * self.weight_gb * 1e9 / self.bytes_per_param
 
     def kv_tokens(self, machine: MachineType) -> int:
         """How many tokens of KV one instance of this model holds on `machine`."""
@@ -41,15 +52,28 @@ class ModelSpec(BaseModel):
         return int(free_gb * 1e9 // self.kv_bytes_per_token)
 
 
+def decode_limits(model: ModelSpec, machine: MachineType) -> DecodeLimits:
+    """What bounds a decode step of `model` on one instance of `machine` (one instance per machine)."""
+    return DecodeLimits(weight_bytes=model.weight_gb * 1e9, kv_bytes_per_token=model.kv_bytes_per_token,
+                        peak_bandwidth=machine.memory_bandwidth_gbps * 1e9 if machine.memory_bandwidth_gbps else None,
+                        flops_per_token=model.flops_per_token,
+                        peak_flops=machine.peak_tflops * 1e12 if machine.peak_tflops else None)
+
+
 # Splitwise paper, Table I: DGX-A100 $17.6/h 6.5 kW; DGX-H100 $38/h 10.2 kW;
 # the power-capped H100 runs at 70% of TDP and costs what an H100 costs.
+# Peaks from the GPU data sheets, x 8 GPUs: A100-80GB SXM 2,039 GB/s HBM2e and
+# 312 dense bf16 TFLOP/s; H100 SXM 3,350 GB/s HBM3 and 989 TFLOP/s. A power cap
+# lowers clocks, not the ceiling, so the capped box keeps the H100's peaks as bounds.
 DEFAULT_MACHINES: dict[str, MachineType] = {
     m.name: m
     for m in (
-        MachineType(name="a100", profile_hardware="a100-80gb", cost_per_hour=17.6, power_kw=6.5, memory_gb=640),
-        MachineType(name="h100", profile_hardware="h100-80gb", cost_per_hour=38.0, power_kw=10.2, memory_gb=640),
+        MachineType(name="a100", profile_hardware="a100-80gb", cost_per_hour=17.6, power_kw=6.5, memory_gb=640,
+                    memory_bandwidth_gbps=8 * 2039, peak_tflops=8 * 312),
+        MachineType(name="h100", profile_hardware="h100-80gb", cost_per_hour=38.0, power_kw=10.2, memory_gb=640,
+                    memory_bandwidth_gbps=8 * 3350, peak_tflops=8 * 989),
         MachineType(name="h100cap", profile_hardware="h100-80gb-pcap", cost_per_hour=38.0, power_kw=7.14,
-                    memory_gb=640),
+                    memory_gb=640, memory_bandwidth_gbps=8 * 3350, peak_tflops=8 * 989),
     )
 }
 

@@ -9,10 +9,15 @@ prompt_time,token_time,e2e_time,tensor_parallel`, times in milliseconds.
   (prompt_size x batch_size), as in Splitwise's simulator: the median over
   repeated runs at each token count, piecewise-linear between measured
   points, linear beyond the ends.
-- Decode step time is a function of the batch size (the sweep over batch
-  sizes at one prompt size), plus a per-context-token term fitted on the
-  batch-1 runs over prompt sizes: attention reads every cached token, so a
-  batch of long contexts steps slower than a batch of short ones.
+- Decode step time, three models (`decode_model`):
+  - "physical" (default, `decode_model.py`): weights and KV bytes over the
+    memory bandwidth plus a per-request compute term, fitted to every decode
+    point and bounded by the machine's peak bandwidth and FLOP/s, so it
+    holds beyond the profile's batch sizes and contexts;
+  - "batch": piecewise linear in the batch size (the sweep over batch sizes
+    at one prompt size), plus a per-context-token term fitted on the batch-1
+    runs over prompt sizes; linear extension past the last point;
+  - "splitwise-sim": as Splitwise's simulator computes it.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdserve.planner.decode_model import DecodeLimits, DecodePoint, PhysicalDecode, fit_physical
 from pdserve.planner.errors import ProfileError
 
 SPLITWISE_PROFILE = "splitwise_perf_model.csv"
 SPLITWISE_SHA256 = "dbbe505d1d64fc4bd1ec03c50edf944643586de4f68a81e94cbd55dd5bdfbf41"
 SPLITWISE_URL = "https://raw.githubusercontent.com/Mutinifni/splitwise-sim/main/data/perf_model.csv"
+DECODE_MODELS = ("physical", "batch", "splitwise-sim")
 COLUMNS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "peak_power", "average_power",
            "prompt_time", "token_time", "e2e_time", "tensor_parallel")
 
@@ -61,11 +68,15 @@ class PerfModel:
     decode: Interp1D  # batch size -> seconds per step, at `ref_context` tokens per request
     ref_context: float = 0.0
     context_slope: float = 0.0  # seconds per step per extra context token in the batch
+    physical: PhysicalDecode | None = None  # when set, decode steps follow it instead of `decode`
 
     def prefill_time(self, batch_tokens: int) -> float:
         return self.prefill(batch_tokens)
 
     def decode_step_time(self, batch_size: int, context_tokens: float | None = None) -> float:
+        if self.physical is not None:
+            ctx = batch_size * self.ref_context if context_tokens is None else context_tokens
+            return self.physical.step_time(batch_size, ctx)
         base = self.decode(batch_size)
         if context_tokens is None or not self.context_slope:
             return base
@@ -97,7 +108,24 @@ def _fit_slope(points: list[tuple[float, float]]) -> float:
     return max(num / den, 0.0)
 
 
-def build_model(rows: list[dict], decode_model: str = "batch") -> PerfModel:
+def decode_points(rows: list[dict]) -> list[DecodePoint]:
+    """The profile's decode points: per batch size, the median step over its runs, at their median context.
+
+    A run generating `token_size` tokens holds on average prompt + token_size / 2
+    cached tokens per request. Runs are pooled by batch size because the batch-1
+    runs over prompt sizes scatter by +-6% with no trend (Splitwise's H100 rows:
+    28.3-31.9 ms for 192-8256 tokens): fitted one by one, that noise, not the
+    batch size, would set the parameters.
+    """
+    groups: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        b = r["batch_size"]
+        groups[b].append((b * (r["prompt_size"] + r["token_size"] / 2), r["token_time"] / 1000))
+    return [DecodePoint(b, statistics.median(c for c, _ in v), statistics.median(t for _, t in v))
+            for b, v in sorted(groups.items())]
+
+
+def build_model(rows: list[dict], decode_model: str = "physical", limits: DecodeLimits | None = None) -> PerfModel:
     """One PerfModel from the rows of one (model, hardware, tensor parallel).
 
     decode_model "splitwise-sim" reproduces Splitwise's simulator: it fits
@@ -111,8 +139,8 @@ def build_model(rows: list[dict], decode_model: str = "batch") -> PerfModel:
     if decode_model == "splitwise-sim":
         tx, ty = _median_by(rows, lambda r: r["prompt_size"] * r["batch_size"], "token_time")
         return PerfModel(prefill, Interp1D(tx, [y / 1000 for y in ty], floor=min(ty) / 1000 * 0.5))
-    if decode_model != "batch":
-        raise ProfileError(f"unknown decode model {decode_model!r}: use 'batch' or 'splitwise-sim'")
+    if decode_model not in DECODE_MODELS:
+        raise ProfileError(f"unknown decode model {decode_model!r}: use one of {', '.join(DECODE_MODELS)}")
     # the prompt size with the widest batch sweep is where decode-vs-batch was measured
     sweep: dict[int, set[int]] = defaultdict(set)
     for r in rows:
@@ -123,21 +151,22 @@ def build_model(rows: list[dict], decode_model: str = "batch") -> PerfModel:
     decode = Interp1D(bx, [y / 1000 for y in by], floor=min(by) / 1000 * 0.5)
     ref_context = ref_prompt + statistics.median(r["token_size"] for r in at_ref) / 2
     single = [(r["prompt_size"] + r["token_size"] / 2, r["token_time"] / 1000) for r in rows if r["batch_size"] == 1]
-    return PerfModel(prefill, decode, ref_context, _fit_slope(single))
+    physical = fit_physical(decode_points(rows), limits or DecodeLimits()) if decode_model == "physical" else None
+    return PerfModel(prefill, decode, ref_context, _fit_slope(single), physical)
 
 
 class ProfileSet:
     """All (model, hardware, tensor parallel) performance models in one or more CSVs."""
 
-    def __init__(self, rows: list[dict], decode_model: str = "batch") -> None:
+    def __init__(self, rows: list[dict], decode_model: str = "physical") -> None:
         self.decode_model = decode_model
         self._rows: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
         for r in rows:
             self._rows[(r["model"], r["hardware"], r["tensor_parallel"])].append(r)
-        self._models: dict[tuple[str, str, int], PerfModel] = {}
+        self._models: dict[tuple, PerfModel] = {}
 
     @classmethod
-    def from_csv(cls, *paths: str | os.PathLike, decode_model: str = "batch") -> "ProfileSet":
+    def from_csv(cls, *paths: str | os.PathLike, decode_model: str = "physical") -> "ProfileSet":
         rows: list[dict] = []
         for path in paths:
             rows.extend(read_profile_csv(path))
@@ -146,16 +175,19 @@ class ProfileSet:
     def keys(self) -> list[tuple[str, str, int]]:
         return sorted(self._rows)
 
-    def get(self, model: str, hardware: str, tensor_parallel: int | None = None) -> PerfModel:
+    def get(self, model: str, hardware: str, tensor_parallel: int | None = None,
+            limits: DecodeLimits | None = None) -> PerfModel:
+        """The model of one (model, hardware, tp); `limits` bound the physical decode fit (see decode_model)."""
         matches = [k for k in self._rows if k[0] == model and k[1] == hardware
                    and (tensor_parallel is None or k[2] == tensor_parallel)]
         if not matches:
             raise ProfileError(f"no profile rows for model={model!r} hardware={hardware!r} tp={tensor_parallel}; "
                                f"profiles hold {self.keys()}")
         key = max(matches, key=lambda k: k[2])
-        if key not in self._models:
-            self._models[key] = build_model(self._rows[key], self.decode_model)
-        return self._models[key]
+        cache_key = (*key, limits)
+        if cache_key not in self._models:
+            self._models[cache_key] = build_model(self._rows[key], self.decode_model, limits)
+        return self._models[cache_key]
 
 
 def read_profile_csv(path: str | os.PathLike) -> list[dict]:

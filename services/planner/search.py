@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.planner.errors import SpecError
-from pdserve.planner.hardware import MachineType, ModelSpec
+from pdserve.planner.hardware import MachineType, ModelSpec, decode_limits
 from pdserve.planner.perf_model import ProfileSet
 from pdserve.planner.simulator import InstanceSpec, SimConfig, Simulator
 from pdserve.planner.slo import SloChecker, SloReport
@@ -114,6 +114,11 @@ class Planner:
     def power(self, design: Design) -> float:
         return sum(self.machine(m).power_kw * n for m, n in design.machines())
 
+    def perf(self, name: str):
+        """The performance model of one instance on machine `name`, bounded by its peaks."""
+        m = self.machine(name)
+        return self.profiles.get(self.model.name, m.profile_hardware, m.tensor_parallel, decode_limits(self.model, m))
+
     def instances(self, design: Design) -> list[InstanceSpec]:
         pools = ([(design.family.prompt, Role.MIXED, design.prompt_count)] if not design.family.split else
                  [(design.family.prompt, Role.PREFILL, design.prompt_count),
@@ -121,7 +126,7 @@ class Planner:
         out = []
         for name, role, count in pools:
             m = self.machine(name)
-            perf = self.profiles.get(self.model.name, m.profile_hardware, m.tensor_parallel)
+            perf = self.perf(name)
             kv = self.model.kv_tokens(m)
             out += [InstanceSpec(f"{role.value}-{name}-{i}", role, name, perf, kv) for i in range(count)]
         return out
@@ -193,8 +198,7 @@ class Planner:
 
     def rate_guess(self, design: Design) -> float:
         """A starting rate: the prompt pool's prefill throughput at full batches, in requests."""
-        m = self.machine(design.family.prompt)
-        perf = self.profiles.get(self.model.name, m.profile_hardware, m.tensor_parallel)
+        perf = self.perf(design.family.prompt)
         tokens = self.cfg.max_prefill_tokens
         per_machine = tokens / perf.prefill_time(tokens) / max(float(self.trace.prompt.mean()), 1.0)
         share = 1.0 if design.family.split else 0.5  # colocated machines also decode

@@ -36,7 +36,7 @@ def toy(tmp_path) -> ProfileSet:
         dict(prompt_size=500, batch_size=1, prompt_time=200, token_time=10),
         dict(prompt_size=500, batch_size=4, prompt_time=900, token_time=20),
     ]
-    return ProfileSet.from_csv(write_profile(tmp_path / "p.csv", rows))
+    return ProfileSet.from_csv(write_profile(tmp_path / "p.csv", rows), decode_model="batch")
 
 
 def test_interp_is_linear_between_points_and_beyond_them():
@@ -84,7 +84,7 @@ needs_splitwise = pytest.mark.skipif(not SPLITWISE.is_file(), reason="Splitwise 
 def test_splitwise_profile_reproduces_its_measured_points(hardware):
     rows = [r for r in read_profile_csv(SPLITWISE)
             if r["model"] == "llama2-70b" and r["hardware"] == hardware and r["tensor_parallel"] == 8]
-    m = ProfileSet.from_csv(SPLITWISE).get("llama2-70b", hardware, 8)
+    m = ProfileSet.from_csv(SPLITWISE, decode_model="batch").get("llama2-70b", hardware, 8)
     for tokens in (128, 1024, 4096):  # median over every run with that many batch tokens (1024 = 512 x 2 too)
         measured = statistics.median(r["prompt_time"] for r in rows if r["prompt_size"] * r["batch_size"] == tokens)
         assert m.prefill_time(tokens) == pytest.approx(measured / 1000)

@@ -1,0 +1,93 @@
+"""The physical decode model: fitted to profile points, never faster than the machine allows."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pdserve.planner.decode_model import DecodeLimits, DecodePoint, fit_physical
+from pdserve.planner.hardware import DEFAULT_MACHINES, DEFAULT_MODELS, decode_limits
+from pdserve.planner.perf_model import ProfileSet, decode_points, read_profile_csv
+
+SPLITWISE = Path(__file__).resolve().parents[2].parent / "shared" / "profiles" / "splitwise_perf_model.csv"
+needs_splitwise = pytest.mark.skipif(not SPLITWISE.is_file(), reason="Splitwise profile not in ../shared/profiles")
+LLAMA = DEFAULT_MODELS["llama2-70b"]
+
+
+def test_recovers_the_parameters_of_an_exact_physical_profile():
+    limits = DecodeLimits(weight_bytes=1e9, kv_bytes_per_token=1e5, peak_bandwidth=1e12, flops_per_token=1e9,
+                          peak_flops=1e14)
+    truth = dict(overhead=0.004, spb=1 / 5e11, per_req=2e-4)
+    pts = [DecodePoint(b, b * c, truth["overhead"] + (1e9 + 1e5 * b * c) * truth["spb"] + b * truth["per_req"])
+           for b in (1, 4, 16, 64) for c in (100, 2000)]
+    fit = fit_physical(pts, limits)
+    assert fit.overhead == pytest.approx(truth["overhead"], rel=1e-4)
+    assert fit.bandwidth == pytest.approx(5e11, rel=1e-4)
+    assert fit.per_request == pytest.approx(truth["per_req"], rel=1e-4)
+
+
+def test_a_profile_faster_than_the_hardware_is_clamped_to_it():
+    # measured steps would need 10x the peak bandwidth: the fit keeps the peak
+    limits = DecodeLimits(weight_bytes=1e10, kv_bytes_per_token=1e5, peak_bandwidth=1e12)
+    pts = [DecodePoint(b, b * 500, 1e-3 * (1 + 0.01 * b)) for b in (1, 8, 32)]
+    fit = fit_physical(pts, limits)
+    assert fit.bandwidth == pytest.approx(1e12)
+    assert fit.step_time(1, 500) >= 1e10 / 1e12
+
+
+def test_one_measured_batch_size_leaves_the_undetermined_terms_at_their_bounds():
+    fit = fit_physical([DecodePoint(1, 55, 0.010)], DecodeLimits())
+    assert (fit.overhead, fit.seconds_per_byte, fit.per_request) == pytest.approx((0.010, 0.0, 0.0))
+
+
+def _splitwise_rows(hardware: str) -> list[dict]:
+    return [r for r in read_profile_csv(SPLITWISE)
+            if r["model"] == "llama2-70b" and r["hardware"] == hardware and r["tensor_parallel"] == 8]
+
+
+@needs_splitwise
+@pytest.mark.parametrize("machine", ["a100", "h100", "h100cap"])
+def test_reproduces_the_splitwise_profile_points_within_5_percent(machine):
+    m = DEFAULT_MACHINES[machine]
+    perf = ProfileSet.from_csv(SPLITWISE).get("llama2-70b", m.profile_hardware, 8, decode_limits(LLAMA, m))
+    rows = _splitwise_rows(m.profile_hardware)
+    for p in decode_points(rows):  # per batch size 1..64, the median of its runs
+        assert perf.decode_step_time(int(p.batch), p.context) == pytest.approx(p.seconds, rel=0.05)
+    # each configuration alone (median of its repeats): the batch-1 ones over prompt sizes scatter +-6%
+    configs: dict[tuple, list[float]] = {}
+    for r in rows:
+        configs.setdefault((r["prompt_size"], r["batch_size"], r["token_size"]), []).append(r["token_time"] / 1000)
+    for (prompt, batch, out), times in configs.items():
+        step = perf.decode_step_time(batch, batch * (prompt + out / 2))
+        assert step == pytest.approx(statistics.median(times), rel=0.075)
+
+
+@needs_splitwise
+@pytest.mark.parametrize("machine", ["a100", "h100", "h100cap"])
+def test_never_faster_than_memory_bandwidth_or_compute_allow(machine):
+    m = DEFAULT_MACHINES[machine]
+    limits = decode_limits(LLAMA, m)
+    perf = ProfileSet.from_csv(SPLITWISE).get("llama2-70b", m.profile_hardware, 8, limits)
+    rng = np.random.default_rng(1)
+    for b, per_seq in zip(rng.integers(1, 2049, 500), rng.uniform(0, 16_000, 500)):
+        ctx = b * per_seq  # far beyond the profile: up to 2048 requests, 32M cached tokens
+        step = perf.decode_step_time(int(b), ctx)
+        assert step >= (limits.weight_bytes + limits.kv_bytes_per_token * ctx) / limits.peak_bandwidth
+        assert step >= b * limits.flops_per_token / limits.peak_flops
+    # and it keeps growing with the KV it reads, at no more than the peak bandwidth's pace... or less
+    grow = perf.decode_step_time(256, 256 * 4000) - perf.decode_step_time(256, 256 * 1000)
+    assert grow >= 256 * 3000 * limits.kv_bytes_per_token / limits.peak_bandwidth
+
+
+@needs_splitwise
+def test_physical_model_stays_between_the_interpolation_and_splitwise_sims_flat_steps():
+    m = DEFAULT_MACHINES["h100"]
+    lim = decode_limits(LLAMA, m)
+    phys = ProfileSet.from_csv(SPLITWISE).get("llama2-70b", m.profile_hardware, 8, lim)
+    batch = ProfileSet.from_csv(SPLITWISE, decode_model="batch").get("llama2-70b", m.profile_hardware, 8)
+    ctx = 512 * 1500
+    assert phys.decode_step_time(512, ctx) < batch.decode_step_time(512, ctx)
+    assert phys.decode_step_time(512, ctx) > phys.decode_step_time(64, 64 * 1500)
