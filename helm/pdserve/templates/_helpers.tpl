@@ -1,0 +1,205 @@
+{{/* Names, labels and the pdserve config the chart writes. */}}
+
+{{- define "pdserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pdserve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "pdserve.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "pdserve.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The RayCluster's name; KubeRay names the head Service "<name>-head-svc". */}}
+{{- define "pdserve.rayCluster" -}}
+{{- printf "%s-ray" (include "pdserve.fullname" .) | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pdserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pdserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pdserve.labels" -}}
+{{ include "pdserve.selectorLabels" . }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "pdserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
+{{- end -}}
+
+{{/* GPUs one pod of a worker group holds: instancesPerPod x gpusPerInstance, a whole number. */}}
+{{- define "pdserve.gpusPerPod" -}}
+{{- $g := mulf .group.instancesPerPod .group.gpusPerInstance -}}
+{{- if ne (float64 (int $g)) (float64 $g) -}}
+{{- fail (printf "%s: instancesPerPod x gpusPerInstance must be a whole number of GPUs, got %v" .role $g) -}}
+{{- end -}}
+{{- int $g -}}
+{{- end -}}
+
+{{- define "pdserve.cpusPerPod" -}}
+{{- mulf .group.instancesPerPod .group.cpusPerInstance | ceil | int -}}
+{{- end -}}
+
+{{/*
+pdserve's config file. Today's config tree has one set of Ray CPUs/GPUs per
+instance and one engine for both pools (per-pool resources and engine
+arguments are issue 9): until then the two groups must agree on those.
+*/}}
+{{- define "pdserve.config" -}}
+{{- $p := .Values.prefill -}}
+{{- $d := .Values.decode -}}
+{{- if ne (toString $p.gpusPerInstance) (toString $d.gpusPerInstance) -}}
+{{- fail (printf "prefill.gpusPerInstance (%v) and decode.gpusPerInstance (%v) must be equal: pdserve's config has one pools.gpus_per_instance until per-pool resources land (issue 9)" $p.gpusPerInstance $d.gpusPerInstance) -}}
+{{- end -}}
+{{- if ne (toString $p.cpusPerInstance) (toString $d.cpusPerInstance) -}}
+{{- fail (printf "prefill.cpusPerInstance (%v) and decode.cpusPerInstance (%v) must be equal: pdserve's config has one pools.cpus_per_instance until per-pool resources land (issue 9)" $p.cpusPerInstance $d.cpusPerInstance) -}}
+{{- end -}}
+{{- if ne (toJson $p.engineArgs) (toJson $d.engineArgs) -}}
+{{- fail "prefill.engineArgs and decode.engineArgs must be equal: pdserve runs one engine configuration for both pools until per-pool engine arguments land (issue 9)" -}}
+{{- end -}}
+{{- $cfg := deepCopy .Values.pdserve -}}
+{{- $engine := get $cfg "engine" | default dict -}}
+{{- $_ := set $engine "engine_args" (mergeOverwrite (get $engine "engine_args" | default dict) (deepCopy $p.engineArgs)) -}}
+{{- $pools := dict "mixed" 0 "prefill" (mul $p.replicas $p.instancesPerPod) "decode" (mul $d.replicas $d.instancesPerPod) "cpus_per_instance" $p.cpusPerInstance "gpus_per_instance" $p.gpusPerInstance -}}
+{{- $gateway := mergeOverwrite (get $cfg "gateway" | default dict) (dict "host" "0.0.0.0" "port" .Values.gateway.port) -}}
+{{- $ray := mergeOverwrite (get $cfg "ray" | default dict) (dict "address" "auto") -}}
+{{- $_ := set $cfg "engine" $engine -}}
+{{- $_ := set $cfg "pools" $pools -}}
+{{- $_ := set $cfg "gateway" $gateway -}}
+{{- $_ := set $cfg "ray" $ray -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* The Secret holding the API key, if any. */}}
+{{- define "pdserve.apiKeySecret" -}}
+{{- if .Values.gateway.apiKey.existingSecret -}}
+{{- .Values.gateway.apiKey.existingSecret -}}
+{{- else if .Values.gateway.apiKey.value -}}
+{{- printf "%s-api-key" (include "pdserve.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pdserve.rayAuthSecret" -}}
+{{- default (include "pdserve.rayCluster" .) .Values.ray.auth.secretName -}}
+{{- end -}}
+
+{{/* Env of every pdserve container: Ray auth mode, and the shared env. */}}
+{{- define "pdserve.env" -}}
+- name: RAY_AUTH_MODE
+  value: {{ .Values.ray.auth.mode | quote }}
+{{- with .Values.common.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes every pod mounts: the config, /dev/shm, and the shared volumes. */}}
+{{- define "pdserve.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "pdserve.fullname" . }}-config
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.common.shmSize }}
+{{- with .Values.common.volumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.volumeMounts" -}}
+- name: config
+  mountPath: /etc/pdserve
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+{{- with .Values.common.volumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* A worker group of the RayCluster; . is a dict: root, role, group. */}}
+{{- define "pdserve.workerGroup" -}}
+{{- $root := .root -}}
+{{- $g := .group -}}
+{{- $gpus := include "pdserve.gpusPerPod" . | int -}}
+{{- $rayRes := dict "CPU" (include "pdserve.cpusPerPod" . ) "GPU" (toString $gpus) -}}
+{{- range $k, $v := $g.rayResources }}{{ $_ := set $rayRes $k (toString $v) }}{{ end -}}
+- groupName: {{ .role }}
+  replicas: {{ $g.replicas }}
+  minReplicas: {{ $g.minReplicas }}
+  maxReplicas: {{ $g.maxReplicas }}
+  rayStartParams: {}
+  # Ray resources of each node of the group: the CPUs and GPUs its engine
+  # instances reserve, plus the group's custom resources.
+  resources:
+    {{- toYaml $rayRes | nindent 4 }}
+  template:
+    metadata:
+      labels:
+        {{- include "pdserve.labels" $root | nindent 8 }}
+        app.kubernetes.io/component: {{ .role }}
+        pdserve.io/role: {{ .role }}
+        pdserve.io/gpu-type: {{ $g.gpuType | quote }}
+        {{- with $root.Values.common.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      annotations:
+        checksum/config: {{ include "pdserve.config" $root | sha256sum }}
+        {{- with $root.Values.common.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.common.securityContext | nindent 8 }}
+      terminationGracePeriodSeconds: {{ $g.terminationGracePeriodSeconds }}
+      {{- with $g.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $g.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $g.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: ray-worker
+          image: {{ include "pdserve.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          env:
+            {{- include "pdserve.env" $root | nindent 12 }}
+            - name: PDSERVE_ROLE
+              value: {{ .role }}
+          resources:
+            {{- $res := deepCopy $g.resources -}}
+            {{- if gt $gpus 0 -}}
+            {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" $gpus) ($res.limits | default dict)) -}}
+            {{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" $gpus) ($res.requests | default dict)) -}}
+            {{- end }}
+            {{- toYaml $res | nindent 12 }}
+          {{- with .preStop }}
+          lifecycle:
+            preStop:
+              exec:
+                command:
+                  {{- toYaml . | nindent 18 }}
+          {{- end }}
+          volumeMounts:
+            {{- include "pdserve.volumeMounts" $root | nindent 12 }}
+      volumes:
+        {{- include "pdserve.volumes" $root | nindent 8 }}
+{{- end -}}
