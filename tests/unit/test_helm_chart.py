@@ -1,0 +1,261 @@
+"""helm/pdserve rendered offline by the Helm engine (helm-python-sdk, no helm binary, no cluster).
+
+Every rendered manifest is checked against the Kubernetes schemas (kubernetes-validate)
+or, for the RayCluster, against KubeRay's own CRD schema (tests/unit/data/kuberay).
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from pdserve.shared.config import ServeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "pdserve"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+CRD = Path(__file__).parent / "data" / "kuberay" / "ray.io_rayclusters.yaml.gz"
+CRD_GIT_BLOB = "ff0be58ada3bd457605eff1f258c16df21e61e21"  # kuberay v1.7.0, see data/kuberay/SOURCE.md
+CRD_SHA256 = "c44704442eef0c6721ad40c1d66782c8bd3fdab9d3344306a5820910a679baa1"
+KUBE_VERSIONS = ("1.26.0", "1.33.0")  # the chart's kubeVersion floor, and a recent release
+RELEASE, NAMESPACE = "llm", "serving"
+CASES = {"default": None, **{path.stem: path for path in EXAMPLES}}
+
+
+def _values(case: str) -> dict:
+    path = CASES[case]
+    return yaml.safe_load(path.read_text()) if path else {}
+
+
+@pytest.fixture(scope="module")
+def chart() -> helm.Chart:
+    return helm.Chart.load(CHART)
+
+
+def render(chart: helm.Chart, values: dict | None) -> list[dict]:
+    """The release's manifests (NOTES.txt and empty templates left out)."""
+    out = chart.render(values or None, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def rendered(chart) -> dict[str, list[dict]]:
+    return {case: render(chart, _values(case)) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def raycluster_schema() -> dict:
+    raw = gzip.decompress(CRD.read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == CRD_SHA256
+    assert hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest() == CRD_GIT_BLOB
+    crd = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["metadata"]["name"] == "rayclusters.ray.io"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+def pruned_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Fields the API server would silently drop: not declared where the schema lists properties."""
+    if isinstance(obj, list) and "items" in schema:
+        return [p for i, item in enumerate(obj) for p in pruned_fields(item, schema["items"], f"{path}[{i}]")]
+    if not isinstance(obj, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    props = schema.get("properties")
+    if props is None:
+        extra = schema.get("additionalProperties")
+        return [p for k, v in obj.items() for p in pruned_fields(v, extra, f"{path}.{k}")] \
+            if isinstance(extra, dict) else []
+    out = []
+    for key, value in obj.items():
+        if key not in props:
+            out.append(f"{path}.{key}")
+        else:
+            out.extend(pruned_fields(value, props[key], f"{path}.{key}"))
+    return out
+
+
+def test_crd_copy_is_kuberays(raycluster_schema):
+    spec = raycluster_schema["properties"]["spec"]["properties"]
+    assert {"headGroupSpec", "workerGroupSpecs", "rayVersion"} <= set(spec)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_is_clean(case):
+    report = helm.lint(CHART, _values(case) or None, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_manifests_validate(case, rendered, raycluster_schema):
+    docs = rendered[case]
+    kinds = sorted(d["kind"] for d in docs)
+    assert {"RayCluster", "Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy",
+            "ServiceMonitor"} <= set(kinds)
+    for doc in docs:
+        if doc["kind"] == "RayCluster":
+            jsonschema.Draft4Validator(raycluster_schema).validate(doc)
+            assert pruned_fields(doc, raycluster_schema) == [], "fields KubeRay's schema does not know"
+        elif doc["kind"] == "ServiceMonitor":
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert doc["spec"]["endpoints"][0]["path"] == "/metrics"
+        else:
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_a_field_kuberay_does_not_know_is_caught(rendered, raycluster_schema):
+    (cluster,) = by_kind(copy.deepcopy(rendered["default"]), "RayCluster")
+    cluster["spec"]["workerGroupSpecs"][0]["replica"] = 2
+    assert pruned_fields(cluster, raycluster_schema) == [".spec.workerGroupSpecs[0].replica"]
+    cluster["spec"]["workerGroupSpecs"][0].pop("replica")
+    cluster["spec"]["workerGroupSpecs"][0]["replicas"] = "2"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft4Validator(raycluster_schema).validate(cluster)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "default"])
+def test_worker_groups_carry_the_values(case, rendered):
+    values = _values(case)
+    (cluster,) = by_kind(rendered[case], "RayCluster")
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"prefill", "decode"}
+    for role, group in groups.items():
+        want = values[role]
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        gpus = want["instancesPerPod"] * want["gpusPerInstance"]
+        assert group["replicas"] == want["replicas"]
+        assert group["template"]["metadata"]["labels"]["pdserve.io/gpu-type"] == want["gpuType"]
+        assert pod["nodeSelector"] == want["nodeSelector"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert container["resources"]["requests"]["cpu"] == want["resources"]["requests"]["cpu"]
+        assert group["resources"] == {"CPU": str(int(want["instancesPerPod"] * want["cpusPerInstance"])),
+                                      "GPU": str(gpus), **want["rayResources"]}
+        if "tolerations" in want:
+            assert pod["tolerations"] == want["tolerations"]
+    prefill_type, decode_type = values["prefill"]["gpuType"], values["decode"]["gpuType"]
+    assert (prefill_type == decode_type) == (case == "hh")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_written_config_is_one_pdserve_serve_accepts(case, rendered, tmp_path):
+    values = _values(case)
+    (cm,) = by_kind(rendered[case], "ConfigMap")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    config = ServeConfig.load(path)
+    prefill = {"replicas": 1, "instancesPerPod": 1, "gpusPerInstance": 1, "cpusPerInstance": 4,
+               **values.get("prefill", {})}
+    decode = {"replicas": 1, "instancesPerPod": 1, **values.get("decode", {})}
+    assert config.pools.prefill == prefill["replicas"] * prefill["instancesPerPod"]
+    assert config.pools.decode == decode["replicas"] * decode["instancesPerPod"]
+    assert config.pools.gpus_per_instance == prefill["gpusPerInstance"]
+    assert config.pools.cpus_per_instance == prefill["cpusPerInstance"]
+    assert config.ray.address == "auto" and config.gateway.host == "0.0.0.0"
+    assert config.gateway.api_key is None  # the key comes from a Secret, never the ConfigMap
+    if values:
+        assert config.engine.model == values["pdserve"]["engine"]["model"]
+        assert config.kv_transfer.transport == values["pdserve"]["kv_transfer"]["transport"]
+
+
+def test_broken_values_file_is_rejected_naming_the_field(chart):
+    broken = yaml.safe_load((Path(__file__).parent / "data" / "helm" / "broken-values.yaml").read_text())
+    with pytest.raises(helm.HelmValuesError) as info:
+        render(chart, broken)
+    assert "/decode/replicas" in str(info.value)
+    with pytest.raises(helm.HelmValuesError, match="/prefill.*gpuTyp"):
+        chart.validate_schema({"prefill": {"gpuTyp": "H100"}})
+    with pytest.raises(helm.HelmValuesError, match="/pdserve/gateway/api_key"):
+        chart.validate_schema({"pdserve": {"gateway": {"api_key": "in-a-configmap"}}})
+    with pytest.raises(helm.HelmValuesError, match="/gateway/replicas"):
+        chart.validate_schema({"gateway": {"replicas": 2}})
+
+
+def test_pools_the_config_cannot_express_yet_fail_clearly(chart):
+    with pytest.raises(helm.HelmRenderError, match="gpusPerInstance.*issue 9"):
+        render(chart, {"prefill": {"gpusPerInstance": 2}})
+    with pytest.raises(helm.HelmRenderError, match="engineArgs"):
+        render(chart, {"decode": {"engineArgs": {"max_num_seqs": 512}}})
+
+
+def _gateway(docs: list[dict]) -> dict:
+    (deploy,) = by_kind(docs, "Deployment")
+    return deploy["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_gateway_probes_api_key_and_ray_join(chart, rendered):
+    gw = _gateway(rendered["default"])
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert gw[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert "PDSERVE_API_KEY" not in {e["name"] for e in gw["env"]}
+    assert "--num-cpus=0 --num-gpus=0" in gw["args"][0] and "pdserve serve --config" in gw["args"][0]
+    docs = render(chart, {"gateway": {"apiKey": {"value": "s3cret"}}})
+    (secret,) = by_kind(docs, "Secret")
+    env = {e["name"]: e for e in _gateway(docs)["env"]}
+    ref = env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "api-key"}
+    docs = render(chart, {"gateway": {"apiKey": {"existingSecret": "mine", "secretKey": "k"}}})
+    assert by_kind(docs, "Secret") == []
+    assert {e["name"]: e for e in _gateway(docs)["env"]}["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "mine", "key": "k"}
+
+
+def test_decode_prestop_is_the_configured_command(chart, rendered):
+    (cluster,) = by_kind(rendered["default"], "RayCluster")
+    groups = {g["groupName"]: g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]}
+    assert "lifecycle" not in groups["prefill"]
+    assert groups["decode"]["lifecycle"]["preStop"]["exec"]["command"] == ["/bin/sh", "-c", "sleep 30"]
+    drain = ["/bin/sh", "-c", "my-drain --wait"]
+    (cluster,) = by_kind(render(chart, {"decode": {"preStop": {"command": drain}}}), "RayCluster")
+    decode = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "decode"][0]
+    assert decode["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == drain
+
+
+def test_pdbs_and_network_policies_select_the_release(rendered):
+    docs = rendered["default"]
+    (cluster,) = by_kind(docs, "RayCluster")
+    name = cluster["metadata"]["name"]
+    pdbs = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "PodDisruptionBudget")}
+    for role in ("prefill", "decode"):
+        # KubeRay labels every worker pod with its cluster and group.
+        assert pdbs[f"{RELEASE}-pdserve-{role}"]["selector"]["matchLabels"] == \
+            {"ray.io/cluster": name, "ray.io/group": role}
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
+    ray = policies[f"{RELEASE}-pdserve-ray"]
+    assert ray["podSelector"]["matchLabels"] == {"ray.io/cluster": name}
+    # Only this release's pods (which all carry these labels) reach Ray's and the KV transport's ports.
+    (rule,) = ray["ingress"]
+    assert rule == {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "pdserve",
+                                                                "app.kubernetes.io/instance": RELEASE}}}]}
+    pods = [g["template"]["metadata"]["labels"] for g in cluster["spec"]["workerGroupSpecs"]]
+    pods.append(cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"])
+    pods.append(by_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"])
+    for labels in pods:
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+    gateway = policies[f"{RELEASE}-pdserve-gateway"]
+    assert {"ports": [{"port": 8000, "protocol": "TCP"}]} in gateway["ingress"]
+
+
+def test_chart_pins_match_the_project(chart):
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'"ray[default]=={chart.values["ray"]["version"]}"' in pyproject
+    assert chart.values["image"]["tag"].startswith(chart.metadata["appVersion"])
+    assert 'version = "%s"' % chart.metadata["appVersion"] in pyproject
