@@ -107,8 +107,8 @@ def test_lint_is_clean(case):
 def test_manifests_validate(case, rendered, raycluster_schema):
     docs = rendered[case]
     kinds = sorted(d["kind"] for d in docs)
-    assert {"RayCluster", "Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy",
-            "ServiceMonitor"} <= set(kinds)
+    assert {"RayCluster", "Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"} <= set(kinds)
+    assert ("ServiceMonitor" in kinds) == bool(_values(case).get("serviceMonitor", {}).get("enabled"))
     for doc in docs:
         if doc["kind"] == "RayCluster":
             jsonschema.Draft4Validator(raycluster_schema).validate(doc)
