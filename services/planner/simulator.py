@@ -20,12 +20,17 @@ Splitwise's simulator):
   freed when the request finishes. A request the policy places where KV is
   short (the base policies queue rather than refuse) waits at that instance,
   FIFO, until blocks free up; its wait counts in TTFT.
-- KV handoff from a prefill instance to a different decode instance takes
-  `latency + max(T * (1 - overlap), T - prefill_duration)` with
-  T = prompt tokens x KV bytes per token / bandwidth: layer-wise sending
-  hides up to `overlap` of the transfer behind the prefill that produces it.
-  The first token is emitted at the end of the prefill: TTFT never waits for
-  the handoff.
+- KV handoff from a prefill instance to a different decode instance:
+  layer-wise sending hides up to `overlap` of the bytes behind the prefill
+  that produces them (at most the link's bandwidth x the prefill's duration,
+  split over the batch's prompts by size); the rest crosses the link after
+  the prefill, sharing the bandwidth of the prefill machine's link and of
+  the decode machine's link with every other transfer in flight there
+  (`links.py`, max-min fair), then `latency` is added. Alone on its links a
+  transfer takes `latency + max(T * (1 - overlap), T - prefill_duration)`,
+  T = prompt tokens x KV bytes per token / bandwidth; `LinkConfig.shared =
+  False` gives that for every transfer. The first token is emitted at the
+  end of the prefill: TTFT never waits for the handoff.
 
 Admission: a retryable rejection (a policy that refuses when KV is short)
 waits in the router's FIFO queue and is re-decided whenever a request
@@ -44,13 +49,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, Field
 
+from pdserve.planner.links import SharedLinks
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.trace import Trace
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Placement, RequestInfo
 from pdserve.shared.roles import Role
 
-_ARRIVE, _ITER_END, _KV_READY = 0, 1, 2
+_ARRIVE, _ITER_END, _KV_READY, _LINK = 0, 1, 2, 3
 _EPS = 1e-9
 
 
@@ -61,6 +67,8 @@ class LinkConfig(BaseModel):
     latency_s: float = Field(0.0005, description="Fixed cost per handoff (handshake, first byte), seconds.")
     overlap: float = Field(0.95, ge=0.0, le=1.0,
                            description="Fraction of the transfer that layer-wise sending can hide behind the prefill.")
+    shared: bool = Field(True, description="Concurrent transfers out of one machine or into one machine share its "
+                                           "link; False: every transfer has the whole bandwidth.")
 
     def handoff_time(self, kv_bytes: float, prefill_duration: float) -> float:
         transfer = kv_bytes / (self.bandwidth_gbps * 1e9)
@@ -111,6 +119,7 @@ class _Instance:
     step_time: float = 0.0
     planned_steps: int = 0
     batch: list = field(default_factory=list)  # requests in the running prefill iteration
+    batch_tokens: int = 0  # their prompt tokens
     rides_along: bool = False  # decoders advance a step in this prefill iteration
     version: int = 0
     busy_time: float = 0.0
@@ -174,6 +183,7 @@ class Simulator:
         self.events: list = []
         self.seq = 0
         self.admission: deque = deque()
+        self.links = SharedLinks(self.cfg.link.bandwidth_gbps * 1e9)
         self._snaps: list = [None] * len(self.inst)
         self._dirty: set[int] = set(range(len(self.inst)))
 
@@ -204,8 +214,10 @@ class Simulator:
                 self._arrive(a, now)
             elif kind == _ITER_END:
                 self._iteration_end(self.inst[a], b, now)
-            else:
+            elif kind == _KV_READY:
                 self._kv_ready(a, b, now)
+            elif a == self.links.version:  # _LINK; a stale one (rates changed since) is ignored
+                self._link_done(now)
         for r in self.admission:
             self._reject(r, "still waiting for KV room when the trace ended")
         self.admission.clear()
@@ -317,7 +329,7 @@ class Simulator:
                 batch.append(r)
                 tokens += self.prompt[r]
             duration = inst.spec.perf.prefill_time(tokens + running)
-            inst.kind, inst.batch, inst.rides_along = 1, batch, running > 0
+            inst.kind, inst.batch, inst.batch_tokens, inst.rides_along = 1, batch, tokens, running > 0
         elif running:
             ctx = inst.ctx_base + running * inst.steps
             inst.step_time = inst.spec.perf.decode_step_time(running, ctx)
@@ -366,9 +378,32 @@ class Simulator:
             inst.joins.append(r)  # colocated: joins at the iteration that starts now
             return
         inst.outstanding -= 1  # the prefill instance's part is done
-        delay = self.cfg.link.handoff_time(self.prompt[r] * self.cfg.kv_bytes_per_token, now - inst.start)
-        self.handoff[r] = delay
-        self._push(now + delay, _KV_READY, r, d)
+        link, kv = self.cfg.link, self.prompt[r] * self.cfg.kv_bytes_per_token
+        if not link.shared:
+            delay = link.handoff_time(kv, now - inst.start)
+            self.handoff[r] = delay
+            self._push(now + delay, _KV_READY, r, d)
+            return
+        # what layer-wise sending got through during the prefill, this prompt's share of the link
+        sent = min(kv * link.overlap, self.links.bandwidth * (now - inst.start) * self.prompt[r] / inst.batch_tokens)
+        if kv - sent <= 0:
+            self.handoff[r] = link.latency_s
+            self._push(now + link.latency_s, _KV_READY, r, d)
+            return
+        self.links.add(now, r, p, d, kv - sent)
+        self._schedule_links()
+
+    def _schedule_links(self) -> None:
+        t = self.links.next_finish()
+        if t is not None:
+            self._push(t, _LINK, self.links.version)
+
+    def _link_done(self, now: float) -> None:
+        latency = self.cfg.link.latency_s
+        for r in self.links.pop_finished(now):
+            self.handoff[r] = now + latency - self.first_token[r]
+            self._push(now + latency, _KV_READY, r, self.placement[r][1])
+        self._schedule_links()
 
     def _kv_ready(self, r: int, d: int, now: float) -> None:
         inst = self.inst[d]
