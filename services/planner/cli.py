@@ -33,14 +33,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--arrivals", default="trace", choices=("trace", "poisson"),
                    help="trace: the trace's own arrival pattern, rescaled to each rate (default); poisson: "
                    "Poisson arrivals at each rate with the trace's request lengths (as Splitwise's simulator).")
-    g.add_argument("--window", type=int, default=6000, help="Requests of the trace (every k-th) each search "
-                   "simulation replays; 0 for all (default 6000). The best design of each family is then "
-                   "re-checked on the whole trace.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of the Poisson arrivals (default 0).")
+    g.add_argument("--window", type=int, default=6000, help="Requests each search simulation replays; 0 for all "
+                   "(default 6000). The best design of each family is then re-checked on the whole trace.")
+    g.add_argument("--search", default="matched", choices=("matched", "legacy"),
+                   help="matched: a contiguous window whose load matches the whole trace's, and the whole-trace "
+                   "re-check refines by bisection (default); legacy: every k-th request, growth in 10%% steps.")
     g.add_argument("--no-validate", action="store_true", help="Skip the whole-trace re-check of the best designs.")
+    add_slo_arguments(parser)
+    add_model_arguments(parser)
+    g = parser.add_argument_group("search")
+    g.add_argument("--families", default="a100,h100,a100/a100,h100/h100,h100/a100,h100/h100cap",
+                   help="Comma list: MACHINE (colocated) or PROMPT/TOKEN (split pools).")
+    g.add_argument("--reference", default="h100:40", help="MACHINE:COUNT cluster whose power and cost are the "
+                   "budgets (default h100:40, as in Splitwise).")
+    g.add_argument("--baseline", default=None, help="Family the ratios are against (default: first family).")
+    g.add_argument("--goals", default="iso_power,iso_cost,cost,power", help="Comma list of iso_power, iso_cost, "
+                   "cost, power.")
+    g.add_argument("--policy", default="splitwise", help="Router placement policy (default splitwise: KV-JSQ "
+                   "with the mixed-pool fallback).")
+    g.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="Processes for the search.")
+    parser.add_argument("--output-dir", required=True, help="Where plan.json and the charts go.")
+    parser.add_argument("--no-charts", action="store_true")
+
+
+def add_slo_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("percentile SLOs")
     g.add_argument("--slo", action="append", default=[], metavar="METRIC_pNN=LIMIT",
                    help="e.g. ttft_p99=6x, tpot_p50=1.25x, e2e_p90=20s (repeat; default: Splitwise's nine SLOs).")
     g.add_argument("--slo-reference", default=None, help="Machine whose solo run defines a 1x slowdown "
                    "(default: the baseline family's machine).")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Profile, model, machines, engine limits and link: shared by `plan` and `simulate`."""
     g = parser.add_argument_group("performance and hardware")
     g.add_argument("--profile", action="append", default=None, metavar="PATH",
                    help="Profile CSV (repeatable); 'splitwise' for Splitwise's (local copy or verified download).")
@@ -53,25 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-bytes-per-token", type=int, help="KV bytes per token (built in for llama2-70b).")
     g.add_argument("--machine", action="append", default=[], metavar="NAME[:k=v,...]",
                    help="Add or override a machine type (defaults: a100, h100, h100cap from Splitwise's Table I).")
-    g = parser.add_argument_group("search")
-    g.add_argument("--families", default="a100,h100,a100/a100,h100/h100,h100/a100,h100/h100cap",
-                   help="Comma list: MACHINE (colocated) or PROMPT/TOKEN (split pools).")
-    g.add_argument("--reference", default="h100:40", help="MACHINE:COUNT cluster whose power and cost are the "
-                   "budgets (default h100:40, as in Splitwise).")
-    g.add_argument("--baseline", default=None, help="Family the ratios are against (default: first family).")
-    g.add_argument("--goals", default="iso_power,iso_cost,cost,power", help="Comma list of iso_power, iso_cost, "
-                   "cost, power.")
-    g.add_argument("--policy", default="splitwise", help="Router placement policy (default splitwise: KV-JSQ "
-                   "with the mixed-pool fallback).")
-    g.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="Processes for the search.")
     g = parser.add_argument_group("engine and link")
     g.add_argument("--max-batch-size", type=int, default=512)
     g.add_argument("--max-prefill-tokens", type=int, default=2048)
-    g.add_argument("--link-gbps", type=float, default=200.0, help="KV handoff bandwidth, GB/s.")
+    g.add_argument("--link-gbps", type=float, default=200.0, help="KV bandwidth of each machine's link, GB/s.")
     g.add_argument("--link-latency-ms", type=float, default=0.5)
     g.add_argument("--overlap", type=float, default=0.95, help="Share of the handoff hidden by layer-wise sending.")
-    parser.add_argument("--output-dir", required=True, help="Where plan.json and the charts go.")
-    parser.add_argument("--no-charts", action="store_true")
+    g.add_argument("--no-link-sharing", action="store_true", help="Every KV transfer gets the whole bandwidth "
+                   "(default: concurrent transfers out of or into one machine share its link).")
 
 
 def build_planner(args):
@@ -103,9 +118,9 @@ def build_planner(args):
     cfg = SimConfig(max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                     kv_bytes_per_token=model.kv_bytes_per_token,
                     link=LinkConfig(bandwidth_gbps=args.link_gbps, latency_s=args.link_latency_ms / 1000,
-                                    overlap=args.overlap))
-    planner = Planner(trace, profiles, model, machines, checker,
-                      _PolicyFactory(args.policy), cfg, window=args.window or None, arrivals=args.arrivals)
+                                    overlap=args.overlap, shared=not args.no_link_sharing))
+    planner = Planner(trace, profiles, model, machines, checker, _PolicyFactory(args.policy), cfg,
+                      window=args.window or None, arrivals=args.arrivals, seed=args.seed, search=args.search)
     return planner, families, baseline
 
 
@@ -147,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     plan["inputs"] = {
         "trace": args.trace, "requests_in_trace": len(planner.trace), "window": args.window, "model": args.model,
-        "policy": args.policy, "arrivals": args.arrivals, "decode_model": args.decode_model, "slos": [str(s) for s in planner.checker.slos], "families": args.families,
+        "policy": args.policy, "arrivals": args.arrivals, "seed": args.seed, "search": args.search, "decode_model": args.decode_model, "slos": [str(s) for s in planner.checker.slos], "families": args.families,
         "machines": {k: m.model_dump() for k, m in planner.machines.items()},
         "sim_config": planner.cfg.model_dump(),
     }

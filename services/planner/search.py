@@ -93,12 +93,17 @@ class Planner:
 
     def __init__(self, trace: Trace, profiles: ProfileSet, model: ModelSpec, machines: dict[str, MachineType],
                  checker: SloChecker, policy_factory: Callable[[], PlacementPolicy], config: SimConfig,
-                 window: int | None = None, rate_tolerance: float = 0.03, arrivals: str = "trace") -> None:
+                 window: int | None = None, rate_tolerance: float = 0.03, arrivals: str = "trace",
+                 seed: int = 0, search: str = "matched") -> None:
         if arrivals not in ("trace", "poisson"):
             raise SpecError(f"arrivals must be 'trace' or 'poisson', not {arrivals!r}")
+        if search not in ("matched", "legacy"):
+            raise SpecError(f"search must be 'matched' or 'legacy', not {search!r}")
         self.trace, self.profiles, self.model, self.machines = trace, profiles, model, machines
         self.checker, self.policy_factory, self.cfg = checker, policy_factory, config
         self.window, self.tol, self.arrivals = window, rate_tolerance, arrivals
+        self.seed, self.search = seed, search
+        self._windows: dict[int | None, Trace] = {}
         self.simulations = 0
         self.simulated_requests = 0
         self.sim_wall_s = 0.0
@@ -131,9 +136,16 @@ class Planner:
             out += [InstanceSpec(f"{role.value}-{name}-{i}", role, name, perf, kv) for i in range(count)]
         return out
 
+    def window_trace(self) -> Trace:
+        """The requests a search simulation replays (legacy: every k-th; matched: a load-matched window)."""
+        if self.window not in self._windows:
+            pick = self.trace.sample if self.search == "legacy" else self.trace.matched_window
+            self._windows[self.window] = pick(self.window)
+        return self._windows[self.window]
+
     def run(self, design: Design, rate: float) -> SloReport:
-        sample = self.trace.sample(self.window)
-        trace = sample.at_rate(rate) if self.arrivals == "trace" else sample.poisson(rate)
+        sample = self.window_trace()
+        trace = sample.at_rate(rate) if self.arrivals == "trace" else sample.poisson(rate, self.seed)
         res = Simulator(self.instances(design), self.policy_factory(), self.cfg).run(trace)
         self.simulations += 1
         self.simulated_requests += len(trace)
@@ -141,16 +153,20 @@ class Planner:
         return self.checker.check(res)
 
     def validate(self, e: Evaluation, at_rate: bool, max_growth: int = 10) -> None:
-        """Re-check a search result on the whole trace, not the sample the search used.
+        """Re-check a search result on the whole trace, not the window the search used.
 
         At a budget: re-search the design's rate. At a rate: if the design falls
-        short on the whole trace, grow both pools by ~10% until it holds (the
-        sample smooths sub-second bursts, so it can flatter a design).
+        short on the whole trace, grow both pools by 10% steps until it holds,
+        then (unless legacy) bisect the last step down to the smallest design
+        between the last that failed and the first that held.
         """
         window, self.window = self.window, None
         try:
             if not at_rate:
                 e.full_trace_rate = self.max_rate(e.design, e.rate, step=1.1).rate
+                return
+            if self.search != "legacy":
+                self._grow_by_bisection(e, max_growth)
                 return
             for _ in range(max_growth):
                 e.full_trace_ok = self.run(e.design, e.rate).ok
@@ -163,6 +179,35 @@ class Planner:
                 e.cost_per_hour, e.power_kw = self.cost(e.design), self.power(e.design)
         finally:
             self.window = window
+
+    def _grow_by_bisection(self, e: Evaluation, max_growth: int) -> None:
+        base = e.design
+
+        def scaled(s: float) -> Design:
+            return Design(base.family, math.ceil(base.prompt_count * s - 1e-9),
+                          math.ceil(base.token_count * s - 1e-9) if base.family.split else 0)
+
+        lo, hi, held = 1.0, None, {}
+        for k in range(max_growth + 1):  # bracket: 10% steps until the whole trace holds
+            s = 1.1 ** k
+            held[scaled(s)] = self.run(scaled(s), e.rate).ok
+            if held[scaled(s)]:
+                hi = s
+                break
+            lo = s
+        if hi is None:
+            e.full_trace_ok, e.grown_from = False, None
+            return
+        while hi > 1.0 and hi - lo > 1e-3:  # bisect the last step; sizes are whole machines
+            mid = (lo + hi) / 2
+            d = scaled(mid)
+            if d not in held:
+                held[d] = self.run(d, e.rate).ok
+            lo, hi = (lo, mid) if held[d] else (mid, hi)
+        e.full_trace_ok = True
+        if scaled(hi) != base:
+            e.grown_from, e.design = base.label(), scaled(hi)
+            e.cost_per_hour, e.power_kw = self.cost(e.design), self.power(e.design)
 
     def evaluate(self, design: Design, rate: float) -> Evaluation:
         report = self.run(design, rate)

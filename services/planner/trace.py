@@ -63,6 +63,32 @@ class Trace:
         return Trace(self.name, self.arrival[::k], self.prompt[::k], self.output[::k])
 
 
+    def matched_window(self, n: int | None, candidates: int = 400) -> "Trace":
+        """The `n` consecutive requests whose load is most like the whole trace's.
+
+        At one request rate, a window offers the trace's load when its mean
+        prompt and output lengths are the trace's; its burstiness (the
+        coefficient of variation of its gaps) should be the trace's too, or
+        rescaling it to a rate would flatter (or punish) a design. Of about
+        `candidates` evenly spaced windows, the one closest on all three.
+        """
+        if n is None or n >= len(self):
+            return self
+        gaps = np.diff(self.arrival)
+        cs = {k: np.concatenate([[0.0], np.cumsum(v)]) for k, v in
+              (("p", self.prompt.astype(float)), ("o", self.output.astype(float)), ("g", gaps), ("g2", gaps**2))}
+        starts = np.unique(np.linspace(0, len(self) - n, candidates).astype(int))
+        mean = {k: (cs[k][starts + n] - cs[k][starts]) / n for k in ("p", "o")}
+        g = (cs["g"][starts + n - 1] - cs["g"][starts]) / (n - 1)
+        g2 = (cs["g2"][starts + n - 1] - cs["g2"][starts]) / (n - 1)
+        cv = np.sqrt(np.maximum(g2 - g**2, 0.0)) / np.maximum(g, 1e-12)
+        whole_cv = float(np.std(gaps) / max(np.mean(gaps), 1e-12))
+        score = (np.abs(mean["p"] / self.prompt.mean() - 1) + np.abs(mean["o"] / self.output.mean() - 1)
+                 + np.abs(cv / max(whole_cv, 1e-12) - 1))
+        i = int(starts[int(np.argmin(score))])
+        return Trace(self.name, self.arrival[i:i + n] - self.arrival[i], self.prompt[i:i + n], self.output[i:i + n])
+
+
 def from_loadgen(trace) -> Trace:
     """The planner's numpy view of a `pdserve.loadgen.traces.Trace` (one loader for the project)."""
     return Trace(trace.name, np.asarray(trace.arrivals_s, dtype=np.float64),
@@ -76,8 +102,8 @@ def shared_trace_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_trace(spec: str) -> Trace:
-    """`code`, `conv` or a CSV path, through loadgen's loader (sha256-checked; downloads when missing).
+def load_source(spec: str):
+    """`code`, `conv` or a CSV path as loadgen's trace, through its loader (sha256-checked; downloads when missing).
 
     Named traces are looked for in $PDSERVE_TRACE_DIR if set, else ../shared/traces; then the user cache.
     """
@@ -86,6 +112,11 @@ def load_trace(spec: str) -> Trace:
 
     try:
         trace_dir = None if os.environ.get("PDSERVE_TRACE_DIR") else shared_trace_dir()
-        return from_loadgen(load(spec, trace_dir=trace_dir))
+        return load(spec, trace_dir=trace_dir)
     except LoadgenError as exc:
         raise TraceError(str(exc)) from None
+
+
+def load_trace(spec: str) -> Trace:
+    """The planner's view of `load_source(spec)`."""
+    return from_loadgen(load_source(spec))
