@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pdserve.cli.serve", "Serve a model behind an OpenAI-compatible gateway."),
     "bench": ("pdserve.loadgen.cli", "Benchmark any OpenAI-compatible endpoint (traces, synthetic load)."),
     "plan": ("pdserve.planner.cli", "Simulate and size prefill/decode pools for a trace and SLO."),
+    "simulate": ("pdserve.planner.simulate", "Simulate one cluster design on a workload; bench-compatible results."),
     "profile": ("pdserve.planner.profile_cli", "Measure an engine's prefill and decode times into a profile CSV."),
 }
 

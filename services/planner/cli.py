@@ -89,19 +89,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: concurrent transfers out of or into one machine share its link).")
 
 
-def build_planner(args):
-    """Everything a search needs, from the arguments (shared with tests and scripts)."""
+def build_planner(args, load_trace: bool = True):
+    """Everything a search needs, from the arguments (shared with `simulate`, tests and scripts).
+
+    `load_trace=False`: the caller brings its own requests (`simulate`); the planner gets a placeholder.
+    """
     from pdserve.planner.hardware import DEFAULT_MACHINES, decode_limits, parse_machine, resolve_model
     from pdserve.planner.perf_model import ProfileSet, resolve_profile
     from pdserve.planner.search import Family, Planner
     from pdserve.planner.simulator import LinkConfig, SimConfig
     from pdserve.planner.slo import SPLITWISE_SLOS, SloChecker, parse_slo
-    from pdserve.planner.trace import load_trace
+    from pdserve.planner.trace import Trace
+    from pdserve.planner.trace import load_trace as load
     from pdserve.router.registry import make_policy
+
+    import numpy as np
 
     # cheap checks first: a typo should not wait for a trace to load
     slos = [parse_slo(s) for s in args.slo] or list(SPLITWISE_SLOS)
-    trace = load_trace(args.trace)
+    trace = load(args.trace) if load_trace else Trace("none", np.zeros(1), np.ones(1, np.int64), np.ones(1, np.int64))
     machines = dict(DEFAULT_MACHINES)
     for spec in args.machine:
         m = parse_machine(spec, machines)
