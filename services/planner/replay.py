@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.planner.errors import PlannerError, SpecError, TraceError
-from pdserve.planner.perf_model import ProfileSet
+from pdserve.planner.perf_model import DECODE_MODELS, ProfileSet
 from pdserve.planner.simulator import InstanceSpec, SimConfig, Simulator
 from pdserve.planner.trace import Trace
 from pdserve.router.registry import make_policy
@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-tokens", type=int, default=1_000_000, help="KV capacity per instance, tokens.")
     parser.add_argument("--policy", default="least_loaded", help="The router policy the server used.")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192, help="vLLM's max_num_batched_tokens.")
+    parser.add_argument("--decode-model", default="physical", choices=DECODE_MODELS)
     parser.add_argument("--json", type=Path, help="Also write the comparison here.")
     args = parser.parse_args(argv)
     try:
         cfg = SimConfig(max_prefill_tokens=args.max_prefill_tokens)
-        out = compare(args.run_dir, ProfileSet.from_csv(args.profile), args.model, args.hardware,
+        out = compare(args.run_dir, ProfileSet.from_csv(args.profile, decode_model=args.decode_model), args.model, args.hardware,
                       parse_pools(args.pools), args.kv_tokens, args.policy, cfg)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -126,3 +126,48 @@ def test_whole_trace_check_grows_a_design_the_sample_flattered():
     pl.validate(e, at_rate=True)
     assert e.full_trace_ok and e.design.prompt_count > 1 and e.grown_from == "Baseline-X 1"
     assert e.cost_per_hour == pl.cost(e.design) and pl.window == 30
+
+
+def _threshold_planner(search: str, need: int) -> Planner:
+    """A planner whose designs hold exactly when both pools have at least `need` machines."""
+    from pdserve.planner.slo import SloReport
+
+    pl = toy_planner({"x": 1.0}, {"x": 1.0}, window=30)
+    pl.search = search
+    tried = []
+
+    def run(design, rate):
+        tried.append(design.label())
+        ok = design.prompt_count >= need and design.token_count >= need
+        return SloReport(ok, {}, 0, "")
+
+    pl.run, pl.tried = run, tried
+    return pl
+
+
+@pytest.mark.parametrize("search, expected", [("matched", 12), ("legacy", 13)])
+def test_whole_trace_growth_bisects_its_last_step(search, expected):
+    from pdserve.planner.search import Evaluation
+
+    # 10P+10T fails; 10% steps: 11+11 fails, 13+13 (ceil 12.1) holds; bisection finds 12+12
+    pl = _threshold_planner(search, need=12)
+    e = Evaluation(Design(Family.parse("x/x"), 10, 10), rate=1.0, ok=True, cost_per_hour=20.0, power_kw=20.0)
+    pl.validate(e, at_rate=True)
+    assert e.full_trace_ok and (e.design.prompt_count, e.design.token_count) == (expected, expected)
+    assert e.grown_from == "Splitwise-xx 10P+10T" and e.cost_per_hour == pl.cost(e.design)
+
+
+def test_matched_window_offers_the_whole_trace_s_load():
+    rng = np.random.default_rng(0)
+    n = 3000
+    # the first third is light (short prompts, sparse arrivals), the rest is the trace's usual mix
+    prompt = np.concatenate([rng.integers(50, 100, n // 3), rng.integers(200, 2000, n - n // 3)])
+    gaps = np.concatenate([rng.exponential(3.0, n // 3), rng.exponential(1.0, n - n // 3)])
+    tr = Trace("t", np.cumsum(gaps), prompt, rng.integers(2, 300, n))
+    w = tr.matched_window(500)
+    assert len(w) == 500 and w.arrival[0] == 0.0
+    assert w.prompt.mean() == pytest.approx(tr.prompt.mean(), rel=0.1)
+    assert w.output.mean() == pytest.approx(tr.output.mean(), rel=0.1)
+    # contiguous: bursts kept as they are
+    assert any(np.array_equal(tr.prompt[i:i + 500], w.prompt) for i in np.flatnonzero(tr.prompt == w.prompt[0]))
+    assert tr.matched_window(None) is tr
