@@ -88,7 +88,15 @@ def run_result(res: SimResult, config: BenchConfig, slo: metrics.SloThresholds |
 
 
 def write(result: RunResult, directory: Path) -> dict[str, Any]:
-    return report.write_run(result, directory)
+    """result.json, requests.csv and (unless --no-charts) the latency CDFs, by loadgen's writers."""
+    data = report.write_run(result, directory)
+    if result.config.charts:
+        from pdserve.loadgen import charts
+
+        samples_ms = {k: [v * 1000.0 for v in vs] for k, vs in metrics.samples(result.records).items()}
+        charts.latency_cdfs([(result.config.label or "simulated", samples_ms)], data["slo_ms"],
+                            directory / "latency_cdf.png")
+    return data
 
 
 def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
