@@ -113,7 +113,12 @@ class KVTransferConfig(_Strict):
     transport: Literal["tcp", "gloo", "nccl"] = Field(
         "tcp", description="KV transport between instances: tcp or gloo on CPU, nccl on GPUs.")
     transfer_timeout_s: float = Field(
-        30.0, gt=0, description="A handoff not finished by then fails; decode recomputes the prompt.")
+        30.0, gt=0, description="A KV transfer not finished this long after the prefill started sending it "
+                                "fails; decode recomputes the prompt.")
+    reservation_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for a decode instance to reserve KV room for a request (it may "
+                                 "queue for room), and for a prefill to start sending into reserved blocks. "
+                                 "A backstop: a failure on either side ends the wait at once.")
     board_dir: str | None = Field(
         None, description="Directory where decode instances post their block reservations "
                           "(one host); default: a fresh temporary directory.")

@@ -57,8 +57,10 @@ class Metrics:
                                 labels + ["kind"], registry=r)
         self.kv_bytes = Gauge("pdserve:kv_transfer_bytes", "KV-cache bytes an instance has sent since start.",
                               labels, registry=r)
+        self.restarts = Counter("pdserve:engine_restarts", "Engines the controller restarted after they died.",
+                                labels, registry=r)
         self.handoffs = Gauge("pdserve:handoffs", "Requests routed P->D since start, by outcome (handoffs, "
-                              "fallbacks_colocated, prefill_failures, first_token_mismatches).",
+                              "fallbacks_colocated, decode_alone, prefill_failures, first_token_restarts).",
                               ["model_name", "outcome"], registry=r)
 
     def observe_request(self, life: RequestLifecycle, finish_reasons: list[str]) -> None:
@@ -92,6 +94,9 @@ class Metrics:
                 self.kv_seconds.labels(*labels, event.removesuffix("_s")).set(value)
             else:
                 self.kv_transfers.labels(*labels, event).set(value)
+
+    def observe_restart(self, stats: EngineStats) -> None:
+        self.restarts.labels(self.model_name, stats.instance_id, stats.role.value).inc()
 
     def observe_handoffs(self, counters: dict[str, int]) -> None:
         for outcome, value in counters.items():

@@ -9,7 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.shared.roles import Role
+from pdserve.shared.roles import InstanceState, Role
+
+
+# SamplingParams.extra_args key: the request's first output token is this one (a
+# decode instance continuing from the token a prefill instance already sent).
+FIRST_TOKEN_KEY = "pdserve_first_token"
 
 
 @dataclass
@@ -53,6 +58,7 @@ class OutputDelta:
     request_finished: bool = False  # every choice of the request is done
     handoff_s: float | None = None  # disaggregated: P's first token -> D's first step, on D's first delta
     error: str | None = None  # the engine failed this request
+    error_kind: str | None = None  # how: "invalid" (the engine refused the input), "dead" (the engine died)
 
 
 @dataclass
@@ -81,6 +87,8 @@ class EngineStats:
     in_flight: int = 0  # requests the worker holds (submitted, not yet finished)
     healthy: bool = True
     kv_transfer: dict[str, float] = field(default_factory=dict)  # KV connector counters since start
+    state: InstanceState = InstanceState.READY
+    restarts: int = 0  # engines the controller restarted on this instance
 
     @property
     def kv_blocks_free(self) -> int:

@@ -19,3 +19,16 @@ class Role(str, enum.Enum):
     @property
     def runs_decode(self) -> bool:
         return self in (Role.MIXED, Role.DECODE)
+
+
+class InstanceState(str, enum.Enum):
+    """Where an instance's engine stands, as its worker and the controller see it."""
+
+    STARTING = "starting"  # the engine is loading; not placed on
+    READY = "ready"  # serving
+    DEAD = "dead"  # the engine core (or the actor) died; requests on it failed; a restart is due
+    RESTARTING = "restarting"  # the controller is bringing a new engine up
+
+    @property
+    def serving(self) -> bool:
+        return self is InstanceState.READY

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,22 @@ async def parse_body(request: Request, model_cls: type) -> Any:
         raise as_invalid_request(exc) from exc
 
 
+def _install_fault_routes(app: FastAPI, state: GatewayState) -> None:
+    """Failure injection for tests (PDSERVE_FAULT_HOOKS=1 only): kill, freeze or thaw an instance's engine."""
+
+    @app.post("/admin/faults/{fault}")
+    async def inject(fault: str, request: Request) -> JSONResponse:
+        body = await request.json()
+        client = state.router.clients.get(str(body.get("instance_id")))
+        if client is None:
+            raise InvalidRequestError(f"no instance {body.get('instance_id')!r}", param="instance_id")
+        try:
+            pids = await client.inject_fault(fault)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="fault") from exc
+        return JSONResponse({"instance_id": client.instance_id, "fault": fault, "pids": pids})
+
+
 def _check_model(name: str | None, model: ServedModel) -> None:
     if name is not None and name != model.name:
         raise ModelNotFoundError(f"The model `{name}` does not exist.", param="model")
@@ -147,17 +164,22 @@ def _install_routes(app: FastAPI, state: GatewayState) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while any instance is healthy; the instances' latest stats, for operators."""
+        """200 while every role has a healthy instance ("degraded" if some instance is down); 503 otherwise."""
         stats = state.router.latest_stats()
         healthy = [s.instance_id for s in stats if s.healthy]
-        body = {"status": "ok" if healthy else "unavailable", "healthy_instances": healthy,
+        down_roles = sorted({s.role.value for s in stats} - {s.role.value for s in stats if s.healthy})
+        status = "unavailable" if down_roles else ("ok" if len(healthy) == len(stats) else "degraded")
+        body = {"status": status, "healthy_instances": healthy, "roles_down": down_roles,
                 "instances": [dataclasses.asdict(s) for s in stats]}
-        return JSONResponse(jsonable_encoder(body), status_code=200 if healthy else 503)
+        return JSONResponse(jsonable_encoder(body), status_code=503 if down_roles else 200)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         state.metrics.observe_handoffs(state.router.handoff_counters)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if os.environ.get("PDSERVE_FAULT_HOOKS") == "1":
+        _install_fault_routes(app, state)
 
     @app.get("/version")
     async def version() -> JSONResponse:

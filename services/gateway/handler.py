@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
@@ -12,7 +13,9 @@ from fastapi.responses import StreamingResponse
 from pdserve.gateway.generation import Generation
 from pdserve.gateway.model import ServedModel
 from pdserve.gateway.sse import DONE, error_event
-from pdserve.shared.errors import InvalidRequestError, PdserveError
+from pdserve.shared.errors import EngineError, InvalidRequestError, PdserveError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -60,6 +63,9 @@ def streaming_response(generation: Generation, chunks: Callable[[], AsyncIterato
                     yield text
         except PdserveError as exc:
             yield error_event(exc)
+        except Exception as exc:  # noqa: BLE001 - not ours: still an OpenAI error event, then [DONE]
+            logger.exception("stream of %s failed", generation.request_id)
+            yield error_event(EngineError(f"internal error: {type(exc).__name__}: {exc}"))
         yield DONE
 
     return StreamingResponse(body(), media_type="text/event-stream")

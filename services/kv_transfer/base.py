@@ -83,6 +83,13 @@ class KVSender(KVTransfer):
     def send(self, layer_index: int, tensor: torch.Tensor) -> None:
         """Queue one layer's blocks; returns at once. The transport owns `tensor` until terminal."""
 
+    @abstractmethod
+    def send_token(self, token_ids: Sequence[int]) -> None:
+        """Queue the tokens sampled from this KV (after its layers); returns at once.
+
+        A receiver opened with `expect_token=True` is DONE only once they arrived.
+        """
+
 
 class KVReceiver(KVTransfer):
     """The receiving role (decode side): one per transfer."""
@@ -94,6 +101,11 @@ class KVReceiver(KVTransfer):
     @abstractmethod
     def wait_layer(self, layer_index: int, timeout: float | None = None) -> bool:
         """Block until that layer is in its buffer (True) or `timeout` passes (False); raises if the transfer ended badly."""
+
+    @property
+    @abstractmethod
+    def token_ids(self) -> list[int] | None:
+        """The tokens the sender sampled from this KV (`send_token`), once they arrived."""
 
 
 class KVTransport(ABC):
@@ -115,8 +127,12 @@ class KVTransport(ABC):
 
     @abstractmethod
     def open_receiver(self, transfer_id: str, block_ids: Sequence[int],
-                      timeout_s: float | None = None) -> KVReceiver:
-        """Expect a block set into `block_ids` from whichever peer sends `transfer_id`."""
+                      timeout_s: float | None = None, expect_token: bool = False) -> KVReceiver:
+        """Expect a block set into `block_ids` from whichever peer sends `transfer_id`.
+
+        With `expect_token` the transfer completes only once the sender's
+        sampled tokens arrived too (a prefill's first token travels with its KV).
+        """
 
     @abstractmethod
     def close(self) -> None:

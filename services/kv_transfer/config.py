@@ -20,6 +20,9 @@ class TransportConfig(BaseModel):
     connect_timeout_s: float = Field(10.0, gt=0, description="Limit on dialing a peer and completing the handshake.")
     transfer_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a transfer when its opener gives none; on expiry both sides end TIMED_OUT.")
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="A send that makes no progress this long (a frozen or vanished peer) breaks the "
+                                "link: its transfers fail and their blocks are freed.")
     socket_buffer_bytes: int | None = Field(
         None, gt=0, description="SO_SNDBUF/SO_RCVBUF for data sockets; default: the kernel's autotuning.")
     finished_memory: int = Field(

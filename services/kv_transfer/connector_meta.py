@@ -116,6 +116,8 @@ class Reservation:
 class ReservationBoard(Protocol):
     def post(self, reservation: Reservation) -> None: ...
     def take(self, transfer_id: str, timeout_s: float) -> Reservation: ...
+    def poll(self, transfer_id: str) -> Reservation | None:
+        """The reservation if it is there (taken once), else None; never blocks."""
 
 
 class FileBoard:
@@ -138,12 +140,19 @@ class FileBoard:
         os.replace(tmp, target)  # a reader sees the whole entry or none
 
     def take(self, transfer_id: str, timeout_s: float) -> Reservation:
-        path, deadline = self._path(transfer_id), time.monotonic() + timeout_s
-        while not path.exists():
+        deadline = time.monotonic() + timeout_s
+        while (found := self.poll(transfer_id)) is None:
             if time.monotonic() >= deadline:
                 raise TransferTimeout(f"no reservation for transfer {transfer_id} within {timeout_s}s")
             time.sleep(0.01)
-        data = json.loads(path.read_text())
+        return found
+
+    def poll(self, transfer_id: str) -> Reservation | None:
+        path = self._path(transfer_id)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
         path.unlink(missing_ok=True)
         return Reservation(**data)
 
@@ -178,11 +187,20 @@ class SendSpec:
 
 
 @dataclass
+class TokenSpec:
+    """P: the tokens the prefill sampled for `req_id` follow its KV to D (D continues from them)."""
+
+    req_id: str
+    token_ids: list[int]
+
+
+@dataclass
 class PDConnectorMetadata(KVConnectorMetadata):
     """One step's instructions from the scheduler side to the worker side."""
 
     loads: list[LoadSpec] = field(default_factory=list)
     sends: list[SendSpec] = field(default_factory=list)
+    tokens: list[TokenSpec] = field(default_factory=list)
     abort_loads: list[str] = field(default_factory=list)  # request ids whose receive must stop
     abort_sends: list[str] = field(default_factory=list)  # request ids whose send must stop
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdserve.kv_transfer.blocks import blocks_for_tokens
 from pdserve.kv_transfer.connector_meta import (DecodeParams, ParamsError, PDConnectorMetadata, PrefillParams,
-                                                Reservation, ReservationBoard, LoadSpec, SendSpec)
+                                                Reservation, ReservationBoard, LoadSpec, SendSpec, TokenSpec)
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -64,7 +64,7 @@ class PDSchedulerSide:
         self.endpoint: dict[str, Any] | None = None  # D's transport, from the workers' handshake metadata
         self.kv_cache_manager: KVCacheManager | None = None
         self._receives: dict[str, _Receive] = {}
-        self._answered: set[str] = set()  # asked once: a re-ask after a failed load means "recompute"
+        self._answered: set[str] = set()  # had blocks for a load once: a re-ask after a failed load means "recompute"
         self._sends: dict[str, _Send] = {}
         self._sending: set[str] = set()  # P requests whose blocks wait for the worker's finished_sending
         self._meta = PDConnectorMetadata()
@@ -82,13 +82,19 @@ class PDSchedulerSide:
             self._sends[rid] = _Send(send, request)  # (an empty reservation: nothing to push)
         if recv is None or rid in self._answered:
             return 0, False
-        self._answered.add(rid)
         # vLLM's connectors leave the last prompt token to D: computing it is
         # what produces the logits of the next token.
         external = len(request.prompt_token_ids or ()) - 1 - num_computed_tokens
+        if rid in self._receives:
+            # Asked again before any allocation (D had no KV room on the last
+            # step): still a remote prefill; the reservation is posted when
+            # vLLM finally allocates (update_state_after_alloc).
+            self._receives[rid].local_tokens = num_computed_tokens
+            return max(external, 0), external > 0
         if external <= 0 or self.endpoint is None or self.board is None:
             if external > 0:
                 log.warning("request %s: no endpoint or reservation board; D computes the prompt", rid)
+            self._answered.add(rid)
             if self.board is not None:
                 # An empty reservation: the controller must not wait for blocks that never come.
                 self.board.post(Reservation(recv.transfer_id, self.endpoint or {}, [], 0))
@@ -102,6 +108,7 @@ class PDSchedulerSide:
         if receive is None or num_external_tokens <= 0 or receive.external_tokens:
             return  # not ours, or the second call (blocks for the tokens after the load)
         receive.external_tokens = num_external_tokens
+        self._answered.add(rid)
         table = blocks.get_block_ids()[0]
         first = receive.local_tokens // self.block_size  # local hits are whole blocks
         last = blocks_for_tokens(receive.local_tokens + num_external_tokens, self.block_size)
@@ -157,12 +164,16 @@ class PDSchedulerSide:
         if receive is not None and request.status.name == "FINISHED_ABORTED" and receive.external_tokens:
             self._meta.abort_loads.append(rid)  # harmless if the load already finished
         if rid in self._sending:
-            if request.status.name == "FINISHED_ABORTED":
+            tokens = [int(t) for t in request.output_token_ids]
+            if request.status.name == "FINISHED_ABORTED" or not tokens:
                 self._meta.abort_sends.append(rid)
+            else:
+                # D continues from the token sampled here: it follows the KV.
+                self._meta.tokens.append(TokenSpec(rid, tokens))
             return True, None
         self._sends.pop(rid, None)
         return False, None
 
     def has_pending_push_work(self) -> bool:
         """Keep the engine stepping while sends hold blocks: completion is noticed only in a step."""
-        return bool(self._sending or self._meta.abort_loads or self._meta.abort_sends)
+        return bool(self._sending or self._meta.abort_loads or self._meta.abort_sends or self._meta.tokens)

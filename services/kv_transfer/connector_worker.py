@@ -39,6 +39,7 @@ from pdserve.kv_transfer.config import TransportConfig
 from pdserve.kv_transfer.connector_meta import EndpointHandshake, LoadSpec, PDConnectorMetadata, SendSpec
 from pdserve.kv_transfer.errors import BlockSetError, TransferError
 from pdserve.kv_transfer.factory import make_transport
+from pdserve.kv_transfer.first_token import FIRST_TOKENS
 from pdserve.kv_transfer.layout import EndpointInfo, KVLayout, dtype_name
 from pdserve.kv_transfer.registry import EndpointRegistry
 
@@ -146,11 +147,24 @@ class PDWorkerSide:
         self._step_sends = [self._open_send(spec) for spec in meta.sends]
         for send in self._step_sends:
             self._sends[send.spec.req_id] = send
+        for token in meta.tokens:
+            self._send_token(token.req_id, token.token_ids)
+
+    def _send_token(self, req_id: str, token_ids: list[int]) -> None:
+        """P sampled its token from the KV on the wire: D continues from it (see first_token)."""
+        send = self._sends.get(req_id)
+        if send is None or send.sender is None:
+            return
+        try:
+            send.sender.send_token(token_ids)
+        except TransferError as exc:  # ended already (D aborted, timeout): D recomputes or is gone
+            log.info("request %s: first token not sent: %s", req_id, exc)
 
     def _open_load(self, spec: LoadSpec) -> _Load:
         assert self.transport is not None and self.layout is not None
         try:
-            receiver = self.transport.open_receiver(spec.transfer_id, spec.block_ids, spec.timeout_s)
+            receiver = self.transport.open_receiver(spec.transfer_id, spec.block_ids, spec.timeout_s,
+                                                    expect_token=True)
         except TransferError as exc:
             log.warning("request %s: cannot receive transfer %s: %s", spec.req_id, spec.transfer_id, exc)
             return _Load(spec, None)
@@ -227,6 +241,9 @@ class PDWorkerSide:
             recving.add(rid)
             if state is TransferState.DONE and self._land(load):
                 self.counters["recv_done"] += 1
+                tokens = load.receiver.token_ids if load.receiver is not None else None
+                if tokens:
+                    FIRST_TOKENS.put(load.spec.transfer_id, tokens[0])
                 continue
             failed.add(rid)  # vLLM recomputes the prompt on D
             self.counters["recv_failed"] += 1

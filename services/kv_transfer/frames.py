@@ -33,6 +33,7 @@ class FrameKind(enum.IntEnum):
     DATA = 4     # sender -> receiver: one layer of one transfer's block set
     DONE = 5     # receiver -> sender: every layer landed
     ABORT = 6    # either way: the transfer ended (aborted, timed out or failed) on the writer's side
+    TOKEN = 7    # sender -> receiver: the tokens sampled from the transfer's KV (after its last layer)
 
 
 @dataclass(frozen=True)

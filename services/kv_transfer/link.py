@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+TOKEN_ITEM = -1  # writer-queue marker: send the sender's TOKEN frame
+CONTROL_ITEM = -2  # writer-queue marker: send this control frame
 
 class LinkHandler(Protocol):
     def on_frame(self, link: Link, frame: Frame) -> None: ...
@@ -96,7 +99,9 @@ class OutboundLink(Link):
 
     def __init__(self, channel: Channel, peer: EndpointInfo, handler: LinkHandler) -> None:
         super().__init__(channel, peer, handler, "out")
-        self._queue: queue.SimpleQueue[tuple[LinkSender, int, torch.Tensor] | None] = queue.SimpleQueue()
+        # (sender, layer, tensor) for a DATA frame, (sender, TOKEN_ITEM, None) for its TOKEN frame,
+        # (frame, CONTROL_ITEM, None) for a control frame.
+        self._queue: queue.SimpleQueue[tuple[Any, int, torch.Tensor | None] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                         name=f"kv-out-{peer.instance_id}-writer")
 
@@ -109,16 +114,34 @@ class OutboundLink(Link):
             raise PeerLostError(f"link to {self.peer.instance_id} is down")
         self._queue.put((sender, layer, tensor))
 
+    def enqueue_token(self, sender: LinkSender) -> None:
+        """The sender's TOKEN frame, behind the layers already queued (one queue keeps the order)."""
+        if not self.alive:
+            raise PeerLostError(f"link to {self.peer.instance_id} is down")
+        self._queue.put((sender, TOKEN_ITEM, None))
+
+    def send_control(self, frame: Frame) -> None:
+        """Queued for the writer: the caller (the deadline watch, an engine thread) never waits on a
+        send that a slow or frozen peer holds up."""
+        if self.alive:
+            self._queue.put((frame, CONTROL_ITEM, None))
+
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None or not self.alive:
                 return
             sender, layer, tensor = item
+            if layer == CONTROL_ITEM:
+                super().send_control(sender)
+                continue
             if sender.poll().terminal:
                 continue  # aborted or timed out while queued: its blocks may already be freed
             try:
-                self.channel.send(sender.data_frame(layer, tensor), tensor)
+                if tensor is None:
+                    self.channel.send(sender.token_frame())
+                else:
+                    self.channel.send(sender.data_frame(layer, tensor), tensor)
             except Exception as exc:  # noqa: BLE001
                 self.lost(exc)
                 return

@@ -11,6 +11,7 @@ so a layer is copied only by the kernel.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from urllib.parse import urlsplit
 
@@ -34,9 +35,23 @@ def split_address(address: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
+def _set_deadlines(sock: socket.socket, send_timeout_s: float) -> None:
+    """A send blocked on a peer that stopped reading fails after `send_timeout_s` (SO_SNDTIMEO, so reads
+    may still wait on an idle link); keepalives and TCP_USER_TIMEOUT notice a peer host that vanished."""
+    seconds = int(send_timeout_s)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", seconds, int((send_timeout_s - seconds) * 1e6)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", int(send_timeout_s * 1000))):
+        if hasattr(socket, name):  # Linux names; elsewhere the send timeout still holds
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 class SocketChannel(Channel):
-    def __init__(self, sock: socket.socket, buffer_bytes: int | None = None) -> None:
+    def __init__(self, sock: socket.socket, buffer_bytes: int | None = None, send_timeout_s: float = 10.0) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # control frames must not wait for Nagle
+        _set_deadlines(sock, send_timeout_s)
         if buffer_bytes:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
@@ -118,14 +133,15 @@ class TcpTransport(LinkTransport):
             except OSError:
                 return
             conn.settimeout(None)
-            channel = SocketChannel(conn, self.config.socket_buffer_bytes)
+            channel = SocketChannel(conn, self.config.socket_buffer_bytes, self.config.send_timeout_s)
             threading.Thread(target=self._accept, args=(channel,), daemon=True,
                              name=f"kv-{self.kind}-{self.instance_id}-handshake").start()
 
     def _dial(self, address: str) -> Channel:
         host, port = split_address(address)
         sock = socket.create_connection((host, port), timeout=self.config.connect_timeout_s)
-        return SocketChannel(sock, self.config.socket_buffer_bytes)
+        sock.settimeout(None)  # blocking from here on: sends are bounded by SO_SNDTIMEO instead
+        return SocketChannel(sock, self.config.socket_buffer_bytes, self.config.send_timeout_s)
 
     def _stop_listening(self) -> None:
         self._accepting = False

@@ -146,6 +146,7 @@ class LinkSender(_Transfer, KVSender):
     def __init__(self, record: TransferRecord, layout: KVLayout, device: torch.device) -> None:
         self.record, self._layout, self._device = record, layout, device
         self._sent: set[int] = set()
+        self._token_ids: list[int] | None = None
 
     def send(self, layer_index: int, tensor: torch.Tensor) -> None:
         self.record.raise_if_terminal()
@@ -160,6 +161,19 @@ class LinkSender(_Transfer, KVSender):
         if link is None:
             raise TransferError(f"transfer {self.transfer_id} has no link")
         link.enqueue(self, layer_index, tensor)
+
+    def send_token(self, token_ids: Sequence[int]) -> None:
+        self.record.raise_if_terminal()
+        if self._token_ids is not None:
+            raise BlockSetError(f"tokens of transfer {self.transfer_id} sent twice")
+        self._token_ids = [int(t) for t in token_ids]
+        link = self.record.link
+        if link is None:
+            raise TransferError(f"transfer {self.transfer_id} has no link")
+        link.enqueue_token(self)
+
+    def token_frame(self) -> Frame:
+        return Frame(FrameKind.TOKEN, {"transfer_id": self.transfer_id, "token_ids": self._token_ids or []})
 
     def data_frame(self, layer_index: int, tensor: torch.Tensor) -> Frame:
         """The DATA frame of one layer; carries the remaining timeout so an unclaimed receiver can expire."""
@@ -177,6 +191,8 @@ class LinkReceiver(_Transfer, KVReceiver):
     def __init__(self, record: TransferRecord, layout: KVLayout, device: torch.device, *, claimed: bool) -> None:
         self.record, self._layout, self._device = record, layout, device
         self.claimed = claimed  # False while it exists only because data came first
+        self.expect_token = False  # set by the opener: DONE needs the sender's tokens too
+        self._token_ids: list[int] | None = None
         self._posted: dict[int, torch.Tensor] = {}
         self._staged: dict[int, torch.Tensor] = {}
         self._landed: set[int] = set()
@@ -239,16 +255,35 @@ class LinkReceiver(_Transfer, KVReceiver):
                 posted.copy_(tensor)
         self._land(layer)
 
+    @property
+    def token_ids(self) -> list[int] | None:
+        with self.record.cond:
+            return None if self._token_ids is None else list(self._token_ids)
+
+    def token_arrived(self, token_ids: list[int]) -> None:
+        with self.record.cond:
+            if self.record.state.terminal:
+                return
+            if self._token_ids is not None:
+                raise ProtocolError(f"transfer {self.transfer_id}: tokens arrived twice")
+            self._token_ids = [int(t) for t in token_ids]
+        self._finish_if_complete()
+
     def _land(self, layer: int) -> None:
         with self.record.cond:
             self._landed.add(layer)
-            complete = len(self._landed) == self.record.num_layers
             self.record.cond.notify_all()
         self.record.mark_transferring()
+        self._finish_if_complete()
+
+    def _finish_if_complete(self) -> None:
+        with self.record.cond:
+            complete = self.claimed and len(self._landed) == self.record.num_layers and \
+                (self._token_ids is not None or not self.expect_token)
         if complete:
             self.record.finish(TransferState.DONE, notify_peer=True)
 
-    def claim(self, block_ids: Sequence[int], timeout_s: float) -> None:
+    def claim(self, block_ids: Sequence[int], timeout_s: float, expect_token: bool = False) -> None:
         """Adopt a receiver that data created; the opener's block set must match what arrived."""
         if [int(b) for b in block_ids] != self.record.block_ids:
             error = BlockSetError(f"transfer {self.transfer_id}: opened with {len(block_ids)} blocks "
@@ -256,6 +291,7 @@ class LinkReceiver(_Transfer, KVReceiver):
             self.record.finish(TransferState.FAILED, error, notify_peer=True)
             raise error
         self.claimed = True
+        self.expect_token = expect_token
         self.record.deadline = time.monotonic() + timeout_s
 
     def release(self) -> None:

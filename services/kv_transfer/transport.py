@@ -116,19 +116,20 @@ class LinkTransport(KVTransport):
         return sender
 
     def open_receiver(self, transfer_id: str, block_ids: Sequence[int],
-                      timeout_s: float | None = None) -> KVReceiver:
+                      timeout_s: float | None = None, expect_token: bool = False) -> KVReceiver:
         timeout = timeout_s or self.config.transfer_timeout_s
         with self._lock:
             existing = self._receivers.get(transfer_id)
             if existing is None:
                 record = self._new_record(transfer_id, "receiver", block_ids, self.layout.num_layers, timeout)
                 receiver = LinkReceiver(record, self.layout, self.device, claimed=True)
+                receiver.expect_token = expect_token
                 self._receivers[transfer_id] = receiver
                 self._finished.pop(transfer_id, None)
             elif existing.claimed:
                 raise TransferError(f"transfer {transfer_id} already has a receiver")
         if existing is not None:
-            existing.claim(block_ids, timeout)  # data came first: adopt its staged layers
+            existing.claim(block_ids, timeout, expect_token)  # data came first: adopt its staged layers
             receiver = existing
         self._watch.schedule(receiver.record.deadline, receiver.record.expire)
         return receiver
@@ -209,6 +210,13 @@ class LinkTransport(KVTransport):
             sender = self._transfer(self._senders, meta_field(frame, "transfer_id", str))
             if sender is not None:
                 sender.record.finish(TransferState.DONE)
+        elif frame.kind is FrameKind.TOKEN and isinstance(link, InboundLink):
+            receiver = self._transfer(self._receivers, meta_field(frame, "transfer_id", str))
+            tokens = meta_field(frame, "token_ids", list)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+                raise ProtocolError(f"TOKEN frame from {link.peer.instance_id} carries invalid token ids")
+            if receiver is not None:
+                receiver.token_arrived(tokens)
         elif frame.kind is FrameKind.ABORT:
             self._on_abort(link, frame)
         else:

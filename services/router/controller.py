@@ -1,16 +1,21 @@
-"""The router's thin controller: instance registry, health, stats, placement.
+"""The router's thin controller: instance registry, health, stats, placement, repair.
 
 Lifecycle of a placement:
   RequestInfo -> snapshot of the instances' latest stats -> policy.decide()
   -> Placement (an instance's client) or Rejection (a typed error)
-The controller does the I/O (polling stats, counting outstanding requests);
-the decision itself is the pure policy in `pdserve.router.policy`.
+Lifecycle of an instance, as the controller sees it:
+  READY -> DEAD (its stats say the engine core died, or the actor is gone)
+  -> RESTARTING (a new engine, with backoff between failed tries) -> READY.
+The policy only ever places on READY instances (`InstanceSnapshot.healthy`).
+The controller does the I/O (polling stats, counting outstanding requests,
+restarting); the decision itself is the pure policy in `pdserve.router.policy`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from pdserve.kv_transfer.connector_meta import ReservationBoard
 from pdserve.router.handoff import Handoff
 from pdserve.shared.errors import CapacityError, ConfigError, ContextLengthExceededError
 from pdserve.shared.protocol import EngineRequest, EngineStats, OutputDelta
+from pdserve.shared.roles import InstanceState
 from pdserve.worker.client import EngineClient
 
 logger = logging.getLogger(__name__)
@@ -44,19 +50,25 @@ class Router:
 
     def __init__(self, clients: list[EngineClient], policy: PlacementPolicy,
                  on_stats: Callable[[EngineStats], None] | None = None,
-                 board: ReservationBoard | None = None, transfer_timeout_s: float = 30.0) -> None:
+                 board: ReservationBoard | None = None, reservation_timeout_s: float = 300.0,
+                 on_restart: Callable[[EngineStats], None] | None = None, restart_backoff_s: float = 1.0) -> None:
         if not clients:
             raise ValueError("the router needs at least one instance")
         self.clients = {c.instance_id: c for c in clients}
         self.policy = policy
         self.board = board  # where decode instances post reservations (disaggregated pools)
-        self.transfer_timeout_s = transfer_timeout_s
+        self.reservation_timeout_s = reservation_timeout_s
         self.handoff_counters: dict[str, int] = {}
         self._on_stats = on_stats
         self._stats: dict[str, EngineStats] = {}
         self._outstanding: dict[str, int] = {iid: 0 for iid in self.clients}
         self._outstanding_prompt: dict[str, int] = {iid: 0 for iid in self.clients}
         self._poller: asyncio.Task | None = None
+        self._on_restart = on_restart
+        self._restart_backoff_s = restart_backoff_s
+        self._restarting: dict[str, asyncio.Task] = {}
+        self._next_restart: dict[str, tuple[float, float]] = {}  # instance -> (not before, next backoff)
+        self.restarts: dict[str, int] = {iid: 0 for iid in self.clients}
 
     def snapshot(self) -> ClusterSnapshot:
         instances = tuple(
@@ -78,8 +90,13 @@ class Router:
 
     def latest_stats(self) -> list[EngineStats]:
         """Every instance's last reported stats (healthy until a report says otherwise)."""
-        return [self._stats.get(iid) or EngineStats(iid, c.info.role, kv_blocks_total=c.info.kv_blocks_total)
-                for iid, c in self.clients.items()]
+        out = []
+        for iid, client in self.clients.items():
+            stats = self._stats.get(iid) or EngineStats(iid, client.info.role, kv_blocks_total=client.info.kv_blocks_total)
+            if iid in self._restarting:
+                stats = dataclasses.replace(stats, healthy=False, state=InstanceState.RESTARTING)
+            out.append(dataclasses.replace(stats, restarts=self.restarts[iid]))
+        return out
 
     def place(self, request: RequestInfo) -> Route:
         """The instances to run `request` on; raises if it cannot be placed."""
@@ -96,7 +113,7 @@ class Router:
             return route.decode.generate(request)
         if self.board is None:
             raise ConfigError("disaggregated routes need a reservation board")
-        return Handoff(route.prefill, route.decode, self.board, self.transfer_timeout_s,
+        return Handoff(route.prefill, route.decode, self.board, self.reservation_timeout_s,
                        self.handoff_counters).stream(request)
 
     @contextlib.contextmanager
@@ -112,15 +129,44 @@ class Router:
             self._outstanding_prompt[prefill] -= prompt_tokens
 
     async def refresh(self) -> None:
-        """Fetch every instance's stats once."""
+        """Fetch every instance's stats once; start repairing the dead ones."""
         results = await asyncio.gather(*(c.stats() for c in self.clients.values()), return_exceptions=True)
         for (iid, client), result in zip(self.clients.items(), results):
             if isinstance(result, BaseException):
                 logger.warning("stats of %s failed: %s", iid, result)
-                result = EngineStats(iid, client.info.role, healthy=False)
+                result = EngineStats(iid, client.info.role, healthy=False, state=InstanceState.DEAD)
             self._stats[iid] = result
             if self._on_stats is not None:
                 self._on_stats(result)
+            if result.state is InstanceState.DEAD:
+                self._schedule_restart(iid)
+
+    def _schedule_restart(self, iid: str) -> None:
+        not_before, _ = self._next_restart.get(iid, (0.0, self._restart_backoff_s))
+        if iid in self._restarting or time.monotonic() < not_before:
+            return
+        self._restarting[iid] = asyncio.get_running_loop().create_task(self._restart(iid))
+
+    async def _restart(self, iid: str) -> None:
+        """One try at a new engine; a failed try doubles the wait before the next (up to 60 s)."""
+        client = self.clients[iid]
+        _, backoff = self._next_restart.get(iid, (0.0, self._restart_backoff_s))
+        logger.warning("instance %s is dead: restarting it", iid)
+        try:
+            await client.restart()
+        except Exception as exc:  # noqa: BLE001 - counted, logged, retried after the backoff
+            logger.error("restart of %s failed (next try in %.0f s): %s", iid, backoff, exc)
+            self._next_restart[iid] = (time.monotonic() + backoff, min(backoff * 2, 60.0))
+            return
+        finally:
+            self._restarting.pop(iid, None)
+        self._next_restart.pop(iid, None)
+        self.restarts[iid] += 1
+        stats = await client.stats()
+        self._stats[iid] = stats
+        if self._on_restart is not None:
+            self._on_restart(stats)
+        logger.info("instance %s is back", iid)
 
     def start(self, interval_s: float) -> None:
         async def poll() -> None:
@@ -131,8 +177,9 @@ class Router:
         self._poller = asyncio.get_running_loop().create_task(poll())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in [self._poller, *self._restarting.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)

@@ -2,16 +2,23 @@
 
 Lifecycle (the controller's half of `pdserve.kv_transfer.connector`):
   1. D gets the request first, marked "KV comes from elsewhere": it reserves
-     blocks and posts a reservation on the board (its endpoint, its block ids).
-  2. The reservation is taken and P gets the request with it and max_tokens=1.
-     P's token is the client's first token: TTFT never waits for the handoff.
-  3. P pushes the prompt's KV layer by layer into D's blocks; D then decodes.
-     D's first token is P's token again (same KV, same seed): it is dropped
-     and everything after it streams on.
-Failure paths: no reservation in time (D is gone or stuck) -> the request
-runs colocated on P; P fails -> D times out waiting, recomputes the prompt
-and its own first token is kept. Leaving early (client gone) aborts on both
-instances, and the connector ends the transfer on both sides.
+     blocks when it has room (a request waiting for room is waited for, not
+     recomputed) and posts a reservation (its endpoint, its block ids).
+  2. P gets the request with the reservation and max_tokens=1. P's token is
+     the client's first token (TTFT never waits for the handoff); P pushes the
+     prompt's KV layer by layer into D's blocks, then the token itself.
+  3. D continues from P's token: its first sampling step can only yield that
+     token (`kv_transfer.first_token`), so D's output is P's token, which is
+     dropped here, then the rest. No seed is added to the user's request.
+Failure paths, each ending the other half at once:
+  - D fails or ends before P got the request: the request runs whole on P.
+  - P fails before its token: D is aborted (its blocks freed) and the
+    request runs whole on D.
+  - D's KV never landed but P's token was sent: D recomputes (its connector
+    says so); if it then samples another first token, it is restarted with
+    P's token forced (`FIRST_TOKEN_KEY`), so the stream goes on from it.
+  - D fails after the client saw tokens: a clear error (resuming a stream is
+    migration's work). The client leaving aborts both.
 """
 
 from __future__ import annotations
@@ -20,18 +27,20 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 import time
 from typing import Any, AsyncIterator
 
-from pdserve.kv_transfer.connector_meta import PARAMS_KEY, DecodeParams, ReservationBoard
+from pdserve.kv_transfer.connector_meta import PARAMS_KEY, DecodeParams, Reservation, ReservationBoard
 from pdserve.kv_transfer.errors import TransferTimeout
-from pdserve.shared.errors import EngineError
-from pdserve.shared.protocol import EngineRequest, OutputDelta
+from pdserve.shared.errors import EngineError, InvalidRequestError
+from pdserve.shared.protocol import FIRST_TOKEN_KEY, EngineRequest, OutputDelta
 from pdserve.shared.streams import END, drain
 from pdserve.worker.client import EngineClient
 
 logger = logging.getLogger(__name__)
+
+_POLL_FIRST_S, _POLL_MAX_S = 0.002, 0.05  # reservation polling backs off between these
+
 
 def _with_params(params: Any, **changes: Any) -> Any:
     clone = params.clone()
@@ -40,8 +49,16 @@ def _with_params(params: Any, **changes: Any) -> Any:
     return clone
 
 
-def _transfer_args(params: Any, kv_params: dict[str, Any]) -> dict[str, Any]:
-    return {**(params.extra_args or {}), PARAMS_KEY: kv_params}
+def _extra(params: Any, **entries: Any) -> dict[str, Any]:
+    return {**(params.extra_args or {}), **entries}
+
+
+class _Fallback(Exception):
+    """One half failed before the client saw anything: run the request whole on `target`."""
+
+    def __init__(self, target: EngineClient, reason: str) -> None:
+        super().__init__(reason)
+        self.target = target
 
 
 @dataclasses.dataclass
@@ -49,103 +66,225 @@ class Handoff:
     prefill: EngineClient
     decode: EngineClient
     board: ReservationBoard
-    timeout_s: float
-    counters: dict[str, int]  # handoffs, fallbacks_colocated, prefill_failures, first_token_mismatches
+    timeout_s: float  # longest wait for D's reservation (D may be queued for KV room)
+    counters: dict[str, int]  # handoffs, fallbacks_*, prefill_failures, first_token_restarts, ...
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[OutputDelta]:
         params = request.sampling_params
-        if (params.n or 1) > 1:
+        if (params.n or 1) > 1 or params.max_tokens == 1:
             # vLLM fans n > 1 out into child requests it names itself, and a
-            # handoff is per request: such requests run whole on D.
-            async with contextlib.aclosing(self.decode.generate(request)) as stream:
-                async for delta in stream:
-                    yield delta
+            # handoff is per request: those run whole on D; one token is P's job.
+            whole = self.decode if (params.n or 1) > 1 else self.prefill
+            async for delta in self._whole(whole, request):
+                yield delta
             return
-        if params.seed is None and params.temperature > 0:
-            # One seed for both: P's sampled first token is then the one D samples too.
-            params = _with_params(params, seed=random.getrandbits(63))
-        tid = request.request_id
-        on_decode = EngineRequest(f"{tid}-d", request.prompt_token_ids,
-                                  _with_params(params, extra_args=_transfer_args(params, DecodeParams(tid).to_dict())),
-                                  request.arrival_time)
-        queue: asyncio.Queue = asyncio.Queue()
-        decode_task = asyncio.create_task(drain(lambda: self.decode.generate(on_decode), queue))
+        run = _Run(self, request)
         try:
-            try:
-                reservation = await asyncio.to_thread(self.board.take, tid, self.timeout_s)
-            except TransferTimeout:
-                logger.warning("no reservation from %s for %s: running it on %s",
-                               self.decode.instance_id, tid, self.prefill.instance_id)
-                self._count("fallbacks_colocated")
-                decode_task.cancel()
-                async with contextlib.aclosing(self.prefill.generate(request)) as stream:
-                    async for delta in stream:
-                        yield delta
-                return
-            self._count("handoffs")
-            on_prefill = EngineRequest(
-                f"{tid}-p", request.prompt_token_ids,
-                _with_params(params, max_tokens=1, min_tokens=0,
-                             extra_args=_transfer_args(params, reservation.prefill_params())),
-                request.arrival_time)
-            first = await self._first_token(on_prefill)
-            if first is not None:
-                yield first
-            async for delta in self._decode_deltas(queue, first):
+            async for delta in run.deltas():
+                yield delta
+        except _Fallback as fallback:
+            logger.warning("request %s runs whole on %s: %s", request.request_id, fallback.target.instance_id,
+                           fallback)
+            async for delta in self._whole(fallback.target, request):
                 yield delta
         finally:
-            decode_task.cancel()
+            await run.close()
+
+    async def _whole(self, client: EngineClient, request: EngineRequest) -> AsyncIterator[OutputDelta]:
+        async with contextlib.aclosing(client.generate(request)) as stream:
+            async for delta in stream:
+                yield delta
+
+
+class _Run:
+    """The state of one handoff: both halves' streams merged into one queue."""
+
+    def __init__(self, handoff: Handoff, request: EngineRequest) -> None:
+        self.h, self.request = handoff, request
+        self.tid = request.request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.decode_tag = "d0"
+        self.attempts = 1  # decode attempts so far (a restart from P's token is a second)
+        self.first: OutputDelta | None = None  # P's token, as the client got it
+        self.skip_text = 0  # characters of D's text the client already has
+        self.first_at = 0.0
+        self.handoff_s: float | None = None  # P's token -> D's first step, reported on the next delta out
+
+    def _start(self, tag: str, client: EngineClient, request: EngineRequest) -> None:
+        self.tasks[tag] = asyncio.create_task(drain(lambda: client.generate(request), self.queue, tag))
+
+    async def _stop(self, tag: str) -> None:
+        task = self.tasks.pop(tag, None)
+        if task is not None:
+            task.cancel()  # closing the stream aborts the engine request (its blocks are freed)
             with contextlib.suppress(BaseException):
-                await decode_task
+                await task
 
-    async def _first_token(self, request: EngineRequest) -> OutputDelta | None:
-        """P's token as an unfinished delta, or None if P failed (D will recompute)."""
-        try:
-            async with contextlib.aclosing(self.prefill.generate(request)) as stream:
-                first = None
-                async for delta in stream:
-                    if delta.token_ids and first is None:
-                        first = delta
-            if first is None:
-                return None
-            return dataclasses.replace(first, finish_reason=None, stop_reason=None, request_finished=False)
-        except EngineError as exc:
-            logger.warning("prefill on %s failed (%s); decode recomputes", self.prefill.instance_id, exc)
-            self._count("prefill_failures")
-            return None
+    async def close(self) -> None:
+        for tag in list(self.tasks):
+            await self._stop(tag)
 
-    async def _decode_deltas(self, queue: asyncio.Queue, first: OutputDelta | None) -> AsyncIterator[OutputDelta]:
-        """D's deltas, less the first token (and its text) that P already delivered."""
-        skip_tokens = 1 if first is not None else 0
-        skip_text = len(first.text) if first is not None else 0
-        first_at = time.monotonic()
-        pending_handoff: float | None = None  # measured on D's first delta, reported on the first one yielded
-        measured = first is None
+    async def deltas(self) -> AsyncIterator[OutputDelta]:
+        params = self.request.sampling_params
+        kv = DecodeParams(self.tid, timeout_s=self.h.timeout_s).to_dict()
+        self._start(self.decode_tag, self.h.decode, dataclasses.replace(
+            self.request, request_id=f"{self.tid}-d",
+            sampling_params=_with_params(params, prompt_logprobs=None, extra_args=_extra(params, **{PARAMS_KEY: kv}))))
+        reservation = await self._reservation()
+        if not reservation.decode_block_ids:
+            # D holds the whole prompt already (prefix cache) or cannot take KV: D runs it alone.
+            self.h._count("decode_alone")
+            async for delta in self._decode_only():
+                yield delta
+            return
+        self.h._count("handoffs")
+        self._start("p", self.h.prefill, EngineRequest(
+            f"{self.tid}-p", self.request.prompt_token_ids,
+            _with_params(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
+                         extra_args=_extra(params, **{PARAMS_KEY: reservation.prefill_params()})),
+            self.request.arrival_time))
+        async for delta in self._merge():
+            yield delta
+
+    async def _reservation(self) -> Reservation:
+        """D's reservation; raises _Fallback (to P) if D fails or stays silent past the wait."""
+        deadline, pause = time.monotonic() + self.h.timeout_s, _POLL_FIRST_S
+        decode = self.tasks[self.decode_tag]
         while True:
-            _, item = await queue.get()
+            ended = decode.done()  # read before polling: a reservation posted just before the end counts
+            found = self.h.board.poll(self.tid)
+            if not self.queue.empty() and not ended:
+                return Reservation(self.tid, {}, [], 0)  # D is running it without a transfer: let it
+            if ended and (found is None or self._failed(self.queue)):
+                _, item = self.queue.get_nowait()
+                if isinstance(item, InvalidRequestError):
+                    raise item
+                await self._stop(self.decode_tag)
+                self.h._count("fallbacks_colocated")
+                raise _Fallback(self.h.prefill, f"decode {self.h.decode.instance_id} ended before P started: "
+                                                f"{item if item is not END else 'no output'}")
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                await self._stop(self.decode_tag)
+                self.h._count("fallbacks_colocated")
+                raise _Fallback(self.h.prefill, str(TransferTimeout(f"no reservation within {self.h.timeout_s}s")))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX_S)
+
+    @staticmethod
+    def _failed(queue: asyncio.Queue) -> bool:
+        """The first thing a finished stream left is its error (or its end with no output)."""
+        if queue.empty():
+            return True
+        _, item = queue._queue[0]  # type: ignore[attr-defined] - a peek; asyncio.Queue has none
+        return item is END or isinstance(item, BaseException)
+
+    async def _decode_only(self) -> AsyncIterator[OutputDelta]:
+        while True:
+            _, item = await self.queue.get()
             if item is END:
                 return
             if isinstance(item, BaseException):
                 raise item
-            delta: OutputDelta = item
-            if not measured:
-                pending_handoff = time.monotonic() - first_at  # D's first step: the KV has landed
-                measured = True
-            if skip_tokens and delta.token_ids:
-                if first is not None and delta.token_ids[0] != first.token_ids[0]:
-                    self._count("first_token_mismatches")
-                delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:],
-                                            logprobs=delta.logprobs[1:] if delta.logprobs else delta.logprobs)
-                skip_tokens = 0
-            if skip_text:
-                cut = min(skip_text, len(delta.text))
-                delta = dataclasses.replace(delta, text=delta.text[cut:])
-                skip_text -= cut
-            if delta.token_ids or delta.text or delta.finish_reason or delta.request_finished:
-                if pending_handoff is not None:
-                    delta = dataclasses.replace(delta, handoff_s=pending_handoff)
-                    pending_handoff = None
-                yield delta
+            yield item
+            if item.request_finished:
+                return
+
+    async def _merge(self) -> AsyncIterator[OutputDelta]:
+        while True:
+            tag, item = await self.queue.get()
+            if tag == "p":
+                out = await self._on_prefill(item)
+            elif tag == self.decode_tag:
+                out = await self._on_decode(item)
+            else:
+                continue  # a stopped decode attempt's leftovers
+            if out is not None:
+                yield out
+                if out.request_finished:
+                    return
+
+    async def _on_prefill(self, item: Any) -> OutputDelta | None:
+        if isinstance(item, InvalidRequestError):
+            raise item  # the engine refused the input: another instance would too
+        if item is END or isinstance(item, BaseException):
+            self.tasks.pop("p", None)
+            if self.first is None:
+                # P never produced the token: D's reservation is moot, D computes it all.
+                self.h._count("prefill_failures")
+                await self._stop(self.decode_tag)
+                raise _Fallback(self.h.decode, f"prefill {self.h.prefill.instance_id} failed: "
+                                               f"{item if item is not END else 'no token'}")
+            return None  # P is done; if its KV did not all land, D recomputes
+        delta: OutputDelta = item
+        if not delta.token_ids or self.first is not None:
+            return None
+        if delta.finish_reason == "stop":
+            # EOS, a stop token or a stop string in the first token: the request is over.
+            await self._stop(self.decode_tag)
+            return dataclasses.replace(delta, request_finished=True)
+        hold = getattr(self.request.sampling_params, "output_text_buffer_length", 0) or 0
+        text = delta.text[:max(len(delta.text) - hold, 0)]  # what a colocated engine would release now
+        self.first, self.skip_text, self.first_at = delta, len(text), time.monotonic()
+        return dataclasses.replace(delta, text=text, finish_reason=None, stop_reason=None, request_finished=False)
+
+    async def _on_decode(self, item: Any) -> OutputDelta | None:
+        if isinstance(item, InvalidRequestError):
+            raise item
+        if item is END or isinstance(item, BaseException):
+            self.tasks.pop(self.decode_tag, None)
+            if self.first is None:
+                await self._stop("p")
+                self.h._count("fallbacks_colocated")
+                raise _Fallback(self.h.prefill, f"decode {self.h.decode.instance_id} failed: {item}")
+            if isinstance(item, BaseException):
+                raise item
+            raise EngineError(f"decode instance {self.h.decode.instance_id} ended the stream early")
+        delta: OutputDelta = item
+        if self.first is None:
+            # D's transfer failed and it recomputed before P's token came: the client has seen
+            # nothing, so D's own tokens are the stream.
+            await self._stop("p")
+            self.first = dataclasses.replace(delta, token_ids=[])
+            return delta
+        if self.first.token_ids and delta.token_ids:
+            return await self._drop_first_token(delta)
+        return self._after_first(delta)
+
+    async def _drop_first_token(self, delta: OutputDelta) -> OutputDelta | None:
+        """D's first token repeats P's; anything else means D sampled on its own (its KV failed)."""
+        expected = self.first.token_ids[0]
+        if delta.token_ids[0] != expected:
+            self.h._count("first_token_restarts")
+            logger.warning("request %s: decode's first token %d is not prefill's %d (its KV failed); "
+                           "restarting decode from prefill's token", self.tid, delta.token_ids[0], expected)
+            await self._stop(self.decode_tag)
+            self.decode_tag = f"d{self.attempts}"
+            self.attempts += 1
+            params = self.request.sampling_params
+            self._start(self.decode_tag, self.h.decode, dataclasses.replace(
+                self.request, request_id=f"{self.tid}-{self.decode_tag}",
+                sampling_params=_with_params(params, prompt_logprobs=None,
+                                             extra_args=_extra(params, **{FIRST_TOKEN_KEY: expected}))))
+            return None
+        self.first = dataclasses.replace(self.first, token_ids=[])  # dropped once
+        self.handoff_s = time.monotonic() - self.first_at
+        rest = dataclasses.replace(delta, token_ids=delta.token_ids[1:],
+                                   logprobs=delta.logprobs[1:] if delta.logprobs else delta.logprobs)
+        return self._after_first(rest)
+
+    def _after_first(self, delta: OutputDelta) -> OutputDelta | None:
+        if self.skip_text:
+            cut = min(self.skip_text, len(delta.text))
+            delta = dataclasses.replace(delta, text=delta.text[cut:])
+            self.skip_text -= cut
+        if delta.token_ids or delta.text or delta.finish_reason or delta.request_finished:
+            if self.handoff_s is not None:
+                delta, self.handoff_s = dataclasses.replace(delta, handoff_s=self.handoff_s), None
+            return delta
+        return None

@@ -44,7 +44,10 @@ class PlacementPolicy(ABC):
 
     def decide(self, request: RequestInfo, snapshot: ClusterSnapshot) -> Decision:
         disaggregated = bool(snapshot.by_role(Role.PREFILL)) and bool(snapshot.by_role(Role.DECODE))
-        decoders = snapshot.by_role(Role.DECODE) if disaggregated else snapshot.by_role(Role.MIXED)
+        # With a whole pool down, any healthy engine runs requests whole (prefill
+        # and decode instances are full vLLM engines): a dead pool costs latency.
+        decoders = snapshot.by_role(Role.DECODE) if disaggregated else (
+            snapshot.by_role(Role.MIXED) or snapshot.by_role(Role.DECODE) or snapshot.by_role(Role.PREFILL))
         if not decoders:
             return Rejection(request.request_id, "no healthy instance to serve the request")
         if not any(_could_ever_fit(d, request) for d in decoders):

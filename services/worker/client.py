@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-from pdserve.shared.errors import EngineDeadError, EngineError
+from pdserve.shared.errors import EngineDeadError, EngineError, InvalidRequestError
 from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta
+from pdserve.shared.roles import InstanceState
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,24 @@ class EngineClient(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    async def restart(self) -> EngineInfo:
+        """Bring a new engine up in place of a dead one (the controller's repair)."""
+        raise EngineError(f"instance {self.instance_id} cannot be restarted")
+
+    async def inject_fault(self, fault: str) -> list[int]:
+        """Test hook: `kill`, `freeze` or `thaw` the engine (only where fault hooks are on)."""
+        raise EngineError(f"instance {self.instance_id} has no fault hooks")
+
+
+def delta_error(delta: OutputDelta) -> EngineError | InvalidRequestError:
+    """The typed error an engine's error delta stands for."""
+    message = delta.error or "engine error"
+    if delta.error_kind == "invalid":
+        return InvalidRequestError(message)
+    if delta.error_kind == "dead":
+        return EngineDeadError(message)
+    return EngineError(message)
+
 
 _END = object()  # queue sentinel: the instance died
 
@@ -59,9 +78,10 @@ _END = object()  # queue sentinel: the instance died
 class RayEngineClient(EngineClient):
     """Client of an `EngineWorker` Ray actor."""
 
-    def __init__(self, actor: Any, info: EngineInfo) -> None:
+    def __init__(self, actor: Any, info: EngineInfo, respawn: Callable[[], Any] | None = None) -> None:
         self.actor = actor
         self.info = info
+        self._respawn = respawn  # a new actor for this instance, when the old one died
         self._queues: dict[str, asyncio.Queue] = {}
         self._pump: asyncio.Task | None = None
         self._dead: str | None = None
@@ -100,7 +120,7 @@ class RayEngineClient(EngineClient):
                     raise EngineDeadError(self._dead or f"instance {self.instance_id} stopped")
                 if delta.error:
                     finished = True
-                    raise EngineError(delta.error)
+                    raise delta_error(delta)
                 finished = delta.request_finished
                 yield delta
         finally:
@@ -115,8 +135,27 @@ class RayEngineClient(EngineClient):
 
     async def stats(self) -> EngineStats:
         if self._dead:
-            return EngineStats(self.instance_id, self.info.role, healthy=False)
+            return EngineStats(self.instance_id, self.info.role, healthy=False, state=InstanceState.DEAD)
         return await self.actor.stats.remote()
+
+    async def inject_fault(self, fault: str) -> list[int]:
+        return await self.actor.signal_engine.remote(fault)
+
+    async def restart(self) -> EngineInfo:
+        from ray.exceptions import RayActorError
+
+        if self._dead is None:
+            try:
+                self.info = await self.actor.restart.remote()  # the actor lives: a new engine inside it
+                return self.info
+            except RayActorError as exc:
+                self._dead = f"instance {self.instance_id}'s actor died: {exc}"
+        if self._respawn is None:
+            raise EngineDeadError(self._dead)
+        actor = self._respawn()
+        self.info = await actor.start.remote()
+        self.actor, self._dead, self._pump = actor, None, None  # the next request starts a new pump
+        return self.info
 
     async def close(self) -> None:
         if self._pump is not None:

@@ -3,7 +3,10 @@
 Lifecycle of a request inside a worker:
   submit() -> vLLM queues it -> scheduled -> tokens (deltas) -> finished | aborted
 Lifecycle of the worker: __init__ (cheap) -> start() (loads the model, ~40 s on
-CPU) -> serves -> shutdown() (stops vLLM's engine-core process).
+CPU) -> serves -> shutdown() (stops vLLM's engine-core process). If the engine
+core dies, `stats()` says DEAD (every request on it has failed already, with
+`error_kind="dead"`) and the controller calls restart(): a new engine in the
+same actor, on the same output stream.
 
 Outputs of all requests leave the worker through one streaming call,
 `outputs()`, in batches: everything that arrived since the previous batch.
@@ -14,19 +17,36 @@ so batching is what keeps the gateway out of the critical path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
+import signal
 from typing import Any, AsyncIterator
 
 from pdserve.shared.config import EngineConfig, KVTransferConfig
 from pdserve.shared.errors import ConfigError
 from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
-from pdserve.shared.roles import Role
+from pdserve.shared.roles import InstanceState, Role
 
 logger = logging.getLogger(__name__)
 
 # On CPU, vLLM treats this fraction as "of host memory"; its GPU default (0.9) fails there.
 CPU_MEMORY_FRACTION = 0.15
+# Set to 1 to let tests call the fault hooks (kill_engine_core); off in production.
+FAULTS_ENV = "PDSERVE_FAULT_HOOKS"
+
+
+def _error_kind(exc: BaseException) -> str | None:
+    """"dead" if the engine core is gone, "invalid" if the engine refused the input, else None."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        return "dead"
+    if isinstance(exc, (VLLMClientError, ValueError)):
+        return "invalid"
+    return None
 
 
 def connector_config(instance_id: str, kv: KVTransferConfig, board_dir: str) -> dict[str, Any]:
@@ -74,6 +94,13 @@ def build_engine_args(config: EngineConfig, kv_transfer_config: dict[str, Any] |
     if kv_transfer_config is not None:
         kwargs["kv_transfer_config"] = kv_transfer_config
     kwargs.update(config.engine_args)
+    # Every instance can continue a request from a token another one sampled
+    # (P -> D handoffs, restarts from P's token): see kv_transfer.first_token.
+    from pdserve.kv_transfer.first_token import PROCESSOR_FQCN
+
+    processors = list(kwargs.get("logits_processors") or [])
+    if PROCESSOR_FQCN not in processors:
+        kwargs["logits_processors"] = [*processors, PROCESSOR_FQCN]
     return AsyncEngineArgs(**kwargs)
 
 
@@ -160,11 +187,14 @@ class EngineWorker:
         self._stats = _SchedulerStatsHolder()
         self._tasks: dict[str, asyncio.Task] = {}
         self._outbox: asyncio.Queue[OutputDelta] | None = None
+        self._state = InstanceState.STARTING
 
     async def start(self) -> EngineInfo:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._outbox = asyncio.Queue()
+        if self._outbox is None:  # kept across restarts: the gateway's stream reads it
+            self._outbox = asyncio.Queue()
+        self._state = InstanceState.STARTING
         args = build_engine_args(self.config, self.kv_transfer_config)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
         vllm_config = self._engine.vllm_config
@@ -177,12 +207,53 @@ class EngineWorker:
             kv_blocks_total=vllm_config.cache_config.num_gpu_blocks or 0,
             max_logprobs=vllm_config.model_config.max_logprobs,
         )
+        self._state = InstanceState.READY
         logger.info("instance %s (%s) ready: %s", self.instance_id, self.role.value, self._info)
         return self._info
 
+    async def restart(self) -> EngineInfo:
+        """A new engine in place of a dead one; requests still held here fail as dead."""
+        old, self._engine = self._engine, None
+        self._state = InstanceState.RESTARTING
+        for rid, task in list(self._tasks.items()):
+            task.cancel()
+            self._fail(rid, "instance restarting", "dead")
+        self._tasks.clear()
+        if old is not None:
+            with contextlib.suppress(Exception):  # it is dead already; this reaps what is left
+                old.shutdown()
+        try:
+            return await self.start()
+        except BaseException:
+            self._state = InstanceState.DEAD
+            raise
+
+    def signal_engine(self, fault: str) -> list[int]:
+        """Fault hook (needs PDSERVE_FAULT_HOOKS=1): `kill`, `freeze` or `thaw` the engine's processes.
+
+        The engine core and its workers are this actor's child processes.
+        """
+        import psutil
+
+        if os.environ.get(FAULTS_ENV) != "1":
+            raise PermissionError(f"fault hooks are off (set {FAULTS_ENV}=1)")
+        signals = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT}
+        if fault not in signals:
+            raise ValueError(f"unknown fault {fault!r}; one of {sorted(signals)}")
+        hit = []
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                os.kill(child.pid, signals[fault])
+                hit.append(child.pid)
+        return hit
+
+    def _fail(self, request_id: str, message: str, kind: str | None) -> None:
+        assert self._outbox is not None
+        self._outbox.put_nowait(OutputDelta(request_id, 0, [], "", request_finished=True, error=message,
+                                            error_kind=kind))
     async def submit(self, request: EngineRequest) -> None:
         if self._engine is None or self._outbox is None:
-            raise RuntimeError(f"instance {self.instance_id} is not started")
+            raise RuntimeError(f"instance {self.instance_id} is {self._state.value}, not serving")
         if request.request_id in self._tasks:
             raise ValueError(f"duplicate request id {request.request_id}")
         self._tasks[request.request_id] = asyncio.create_task(self._run(request))
@@ -210,9 +281,12 @@ class EngineWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the engine failed this request: tell the gateway, keep serving others
-            logger.exception("request %s failed", request.request_id)
-            self._outbox.put_nowait(OutputDelta(request.request_id, 0, [], "", request_finished=True,
-                                                error=f"{type(exc).__name__}: {exc}"))
+            kind = _error_kind(exc)
+            if kind == "invalid":
+                logger.info("request %s refused by the engine: %s", request.request_id, exc)
+            else:
+                logger.exception("request %s failed", request.request_id)
+            self._fail(request.request_id, str(exc) if kind == "invalid" else f"{type(exc).__name__}: {exc}", kind)
         finally:
             self._tasks.pop(request.request_id, None)
 
@@ -239,7 +313,13 @@ class EngineWorker:
     def info(self) -> EngineInfo | None:
         return self._info
 
+    def state(self) -> InstanceState:
+        if self._state is InstanceState.READY and (self._engine is None or self._engine.errored):
+            self._state = InstanceState.DEAD  # the engine core died (vLLM's monitor noticed)
+        return self._state
+
     def stats(self) -> EngineStats:
+        state = self.state()
         return EngineStats(
             instance_id=self.instance_id,
             role=self.role,
@@ -249,6 +329,8 @@ class EngineWorker:
             kv_blocks_total=self._info.kv_blocks_total if self._info else 0,
             in_flight=len(self._tasks),
             kv_transfer=dict(self._stats.kv_transfer),
+            healthy=state.serving,
+            state=state,
         )
 
     def shutdown(self) -> None:

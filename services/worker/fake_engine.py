@@ -10,11 +10,12 @@ an engine error mid-stream, an instance that dies, slow tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from pdserve.shared.errors import EngineDeadError, EngineError
-from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
+from pdserve.shared.protocol import FIRST_TOKEN_KEY, EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
 from pdserve.shared.roles import Role
 from pdserve.worker.client import EngineClient
 
@@ -26,6 +27,10 @@ class FaultPlan:
     fail_after_tokens: int | None = None  # the engine errors this request
     die_after_tokens: int | None = None  # the whole instance dies
     token_interval_s: float = 0.0  # delay between tokens (to test disconnects)
+    # The first token differs from the deterministic one unless the request forces it
+    # (a decode instance whose KV handoff failed and that sampled on its own).
+    diverge_first_token: bool = False
+    frozen: bool = False  # the instance accepts requests and never answers (a hung engine)
 
 
 @dataclass
@@ -40,6 +45,9 @@ class FakeEngineClient(EngineClient):
     aborted: list[str] = field(default_factory=list)
     submitted: list[EngineRequest] = field(default_factory=list)
     dead: bool = False
+    # Shared by a fake P and D: transfer id -> set once P produced its token (its "KV landed"),
+    # so a fake D with a remote prefill waits for it as a real one waits for its KV.
+    kv_fabric: dict[str, asyncio.Event] | None = None
 
     @classmethod
     def make(cls, instance_id: str = "fake-0", role: Role = Role.MIXED, max_model_len: int = 512,
@@ -61,7 +69,15 @@ class FakeEngineClient(EngineClient):
         self.submitted.append(request)
         self.in_flight.add(request.request_id)
         finished = False
+        kv = (params.extra_args or {}).get("kv_transfer_params") or {}
         try:
+            if self.faults.frozen:
+                await asyncio.Event().wait()
+            if kv.get("pd_remote_prefill") and self.kv_fabric is not None:
+                landed = self.kv_fabric.setdefault(kv["transfer_id"], asyncio.Event())
+                # Not landed in time: a real D recomputes, so does this one.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(landed.wait(), kv.get("timeout_s") or 30.0)
             n = params.n or 1
             done = [False] * n
             produced = 0
@@ -76,6 +92,8 @@ class FakeEngineClient(EngineClient):
                     done[choice] = delta.finish_reason is not None
                     delta.request_finished = all(done)
                     finished = delta.request_finished
+                    if kv.get("pd_remote_decode") and self.kv_fabric is not None:
+                        self.kv_fabric.setdefault(kv["transfer_id"], asyncio.Event()).set()
                     yield delta
                 position += 1
                 if self.faults.token_interval_s:
@@ -90,6 +108,11 @@ class FakeEngineClient(EngineClient):
     def _step(self, request: EngineRequest, choice: int, position: int) -> OutputDelta:
         params = request.sampling_params
         token = self.token_at(request.prompt_token_ids, choice, position)
+        forced = (params.extra_args or {}).get(FIRST_TOKEN_KEY)
+        if position == 0 and forced is not None:
+            token = int(forced)
+        elif position == 0 and self.faults.diverge_first_token:
+            token = 10 + (token + 1 - 10) % (self.vocab_size - 10)
         finish = None
         if token == self.eos_token_id and not params.ignore_eos:
             finish = "stop"

@@ -8,8 +8,11 @@ engines down (their engine-core processes exit) and kills the actors.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.shared.config import EngineConfig, KVTransferConfig, PoolsConfig
 from pdserve.shared.errors import EngineError
@@ -44,27 +47,32 @@ def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str 
     import ray
 
     actor_cls = ray.remote(EngineWorker)
-    actors = []
-    for instance_id, role in _instances(pools):
+    generation = itertools.count(1)
+
+    def make_actor(instance_id: str, role: Role) -> Any:
         connector = None
         if role is not Role.MIXED:
             if kv is None or board_dir is None:
                 raise EngineError("prefill/decode instances need a KV transfer config and a board directory")
             connector = connector_config(instance_id, kv, board_dir)
-        actor = actor_cls.options(
-            name=f"{namespace_prefix}-{instance_id}",
+        return actor_cls.options(
+            # A respawned actor gets a new name: the dead one's may not be released yet.
+            name=f"{namespace_prefix}-{instance_id}-{next(generation)}",
             num_cpus=pools.cpus_per_instance,
             num_gpus=pools.gpus_per_instance,
             max_concurrency=1000,  # one long-lived outputs() stream plus control calls
         ).remote(instance_id, role, engine, connector)
-        actors.append(actor)
+
+    instances = _instances(pools)
+    actors = [make_actor(instance_id, role) for instance_id, role in instances]
     try:
         infos = ray.get([a.start.remote() for a in actors])
     except Exception as exc:
         for actor in actors:
             ray.kill(actor)
         raise EngineError(f"engine start-up failed: {exc}") from exc
-    return Pools([RayEngineClient(a, info) for a, info in zip(actors, infos)])
+    return Pools([RayEngineClient(a, info, respawn=functools.partial(make_actor, iid, role))
+                  for a, info, (iid, role) in zip(actors, infos, instances)])
 
 
 def stop_pools(pools: Pools, timeout_s: float = 30.0) -> None:

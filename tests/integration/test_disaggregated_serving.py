@@ -73,14 +73,17 @@ def test_handoff_output_equals_colocated(server, reference):
         assert answers[n]["usage"]["completion_tokens"] == GEN_TOKENS
     time.sleep(2)  # two stats refreshes
     text = httpx.get(server.url + "/metrics").text
-    assert _metric(text, "pdserve:handoffs", outcome="handoffs") == len(LENGTHS)
+    # A 1-token prompt has no KV to move: D runs it alone (P is not asked).
+    assert _metric(text, "pdserve:handoffs", outcome="handoffs") == len(LENGTHS) - 1
+    assert _metric(text, "pdserve:handoffs", outcome="decode_alone") == 1
     assert _metric(text, "pdserve:handoffs", outcome="fallbacks_colocated") == 0
+    assert _metric(text, "pdserve:handoffs", outcome="first_token_restarts") == 0
     # D received every prompt's KV (a 1-token prompt has none to move) and recomputed none.
     assert _metric(text, "pdserve:kv_transfers", instance="decode-0", event="recv_done") == len(LENGTHS) - 1
     assert _metric(text, "pdserve:kv_transfers", instance="decode-0", event="recv_failed") == 0
     assert _metric(text, "pdserve:kv_transfer_bytes", instance="prefill-0") > 0
     # Every request's handoff (P's token -> D's first step) is in the lifecycle histogram.
-    assert _metric(text, "pdserve:kv_handoff_seconds_count") == len(LENGTHS)
+    assert _metric(text, "pdserve:kv_handoff_seconds_count") == len(LENGTHS) - 1
 
 
 def test_streaming_first_token_from_prefill(server, reference):

@@ -18,9 +18,10 @@ import torch
 from pdserve.kv_transfer import FaultPlan, TransportConfig
 from pdserve.kv_transfer.blocks import blocks_for_tokens, gather, scatter, wrap_layer
 from pdserve.kv_transfer.connector_meta import (DecodeParams, FileBoard, ParamsError, PDConnectorMetadata,
-                                                PrefillParams, Reservation)
+                                                PrefillParams, Reservation, TokenSpec)
 from pdserve.kv_transfer.connector_scheduler import PDSchedulerSide
 from pdserve.kv_transfer.connector_worker import PDWorkerSide, detect_order
+from pdserve.kv_transfer.first_token import FIRST_TOKENS
 from pdserve.kv_transfer.errors import BlockSetError, TransferTimeout
 from pdserve.kv_transfer.loopback import LoopbackFabric
 
@@ -111,6 +112,7 @@ class FakeRequest:
     kv_transfer_params: dict | None
     status: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(name="FINISHED_LENGTH_CAPPED"))
     num_computed_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 class FakeBlocks:
@@ -159,6 +161,18 @@ def test_decode_reserves_all_but_the_last_token_and_posts_a_reservation() -> Non
     assert side.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
+def test_decode_without_kv_room_is_asked_again_and_reserves_when_it_allocates() -> None:
+    side, board = decode_side()
+    req = FakeRequest("r1", list(range(10)), DecodeParams("t1").to_dict())
+    assert side.get_num_new_matched_tokens(req, 0) == (9, True)
+    # No room this step: vLLM does not allocate and asks again on a later one.
+    assert board.posted == []
+    assert side.get_num_new_matched_tokens(req, 0) == (9, True)  # still a remote prefill, not a local one
+    side.update_state_after_alloc(req, FakeBlocks([4, 2, 9]), 9)
+    assert board.posted == [Reservation("t1", {"instance_id": "decode-0"}, [4, 2, 9], 9, 0)]
+    assert [load.block_ids for load in side.build_connector_meta(sched_output()).loads] == [[4, 2, 9]]
+
+
 def test_decode_skips_its_own_prefix_hit_blocks() -> None:
     side, board = decode_side()
     req = FakeRequest("r1", list(range(14)), DecodeParams("t1").to_dict())
@@ -198,7 +212,7 @@ def test_prefill_sends_in_the_step_that_completes_the_prompt_and_holds_blocks() 
     side = PDSchedulerSide(block_size=BS, board=None, transfer_timeout_s=9.0)
     side.kv_cache_manager = FakeManager({"p1": [20, 21, 22]})
     params = Reservation("t1", {"instance_id": "decode-0"}, [5, 6, 7], 9).prefill_params()
-    req = FakeRequest("p1", list(range(10)), params)
+    req = FakeRequest("p1", list(range(10)), params, output_token_ids=[42])
     assert side.get_num_new_matched_tokens(req, 0) == (0, False)
     # Chunked prefill: 6 tokens, then the remaining 4.
     assert side.build_connector_meta(sched_output([("p1", 0)], {"p1": 6})).sends == []
@@ -207,6 +221,8 @@ def test_prefill_sends_in_the_step_that_completes_the_prompt_and_holds_blocks() 
     assert [(s.transfer_id, s.local_block_ids, s.remote_block_ids) for s in sends] == [("t1", [20, 21, 22], [5, 6, 7])]
     assert side.request_finished(req, [20, 21, 22]) == (True, None)
     assert side.has_pending_push_work()
+    # The token P sampled follows the KV, in the next step's instructions.
+    assert [(t.req_id, t.token_ids) for t in side.build_connector_meta(sched_output([], {})).tokens] == [("p1", [42])]
     side.update_connector_output(SimpleNamespace(finished_sending={"p1"}))
     assert not side.has_pending_push_work()
 
@@ -254,8 +270,12 @@ def test_layers_sent_during_the_forward_land_in_the_reserved_blocks() -> None:
     try:
         for i in range(LAYERS):
             p.save_layer(f"model.layers.{i}.self_attn.attn")
+        time.sleep(0.2)
+        assert d.transfer_results(set())[1] == set()  # every layer is there, P's token is not yet
+        p.bind(PDConnectorMetadata(tokens=[TokenSpec("p1", [42])]))  # P's next step: its sampled token
         _, recving, failed = wait_results(d, set(), "recv")
         assert recving == {"d1"} and failed == set()
+        assert FIRST_TOKENS.get("t1") == 42  # D's sampler continues from it
         for i in range(LAYERS):
             assert torch.equal(d_caches[i][8], p_caches[i][1]) and torch.equal(d_caches[i][3], p_caches[i][2])
         # P reports the send only once vLLM has finished the request.
