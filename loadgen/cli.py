@@ -30,6 +30,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -52,6 +53,11 @@ def _target_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY); never written to the results")
     g.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
                    help="fail a request still running after S seconds (default: %(default)s)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (default: the server's, 1.0)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling (default: the server's)")
+    g.add_argument("--top-k", type=int, help="top-k sampling (default: the server's)")
+    g.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
+                   help="more request fields as a JSON object, merged into every request (e.g. '{\"seed\": 1}')")
     g.add_argument("--no-preflight", action="store_true",
                    help="skip the one small request that checks the server before the run")
 
@@ -123,6 +129,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="where the comparison charts go (default: %(default)s)")
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def _arrival_kind(args: argparse.Namespace) -> str:
     if args.arrival:
         return args.arrival
@@ -143,7 +159,8 @@ def build_config(args: argparse.Namespace):
         raise BenchConfigError("--base-url and --model are required")
     target = TargetConfig(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
                           api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, extra_body=args.extra_body)
     workload = WorkloadConfig(
         trace=args.trace, trace_dir=args.trace_dir, trace_start_s=args.trace_start, input_len=args.input_len,
         output_len=args.output_len, length_dist=args.length_dist, length_spread=args.length_spread,

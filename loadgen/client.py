@@ -78,6 +78,10 @@ def build_payload(target: TargetConfig, spec: RequestSpec) -> dict[str, Any]:
     else:
         payload["prompt"] = spec.prompt.text
         payload["max_tokens"] = spec.max_tokens
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(target, name) is not None:
+            payload[name] = getattr(target, name)
+    payload.update(target.extra_body)
     return payload
 
 

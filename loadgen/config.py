@@ -7,7 +7,7 @@ configuration is written into its result.json and can be reproduced.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +30,12 @@ class TargetConfig(_Strict):
                                 description="Bearer token; never written to result files.")
     request_timeout_s: float = Field(default=600.0, gt=0,
                                      description="A request still running after this is failed as a timeout.")
+    temperature: float | None = Field(default=None, ge=0,
+                                      description="Sampling temperature sent; None: the server's default (1.0).")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling; None: the server's default.")
+    top_k: int | None = Field(default=None, description="Top-k sampling (-1 or 0: off); None: the server's default.")
+    extra_body: dict[str, Any] = Field(default_factory=dict,
+                                       description="More request fields, merged into every request (e.g. seed).")
 
     @property
     def url(self) -> str:

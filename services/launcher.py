@@ -82,7 +82,8 @@ def serve(config: ServeConfig) -> int:
         router = Router(pools.clients, make_policy(config.gateway.routing_policy), on_stats=metrics.observe_instance,
                         on_restart=metrics.observe_restart,
                         board=FileBoard(board_dir) if board_dir else None,
-                        reservation_timeout_s=config.kv_transfer.reservation_timeout_s)
+                        reservation_timeout_s=config.kv_transfer.reservation_timeout_s,
+                        transfer_timeout_s=config.kv_transfer.transfer_timeout_s)
         api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None
         state = GatewayState(model, router, metrics, api_key=api_key,
                              stats_interval_s=config.gateway.stats_interval_s)

@@ -123,7 +123,11 @@ class KVTransport(ABC):
     @abstractmethod
     def open_sender(self, peer_id: str, transfer_id: str, block_ids: Sequence[int],
                     timeout_s: float | None = None) -> KVSender:
-        """Start pushing a block set to `peer_id`; raises HandshakeError if the pair is refused."""
+        """Start pushing a block set to `peer_id`; returns at once (dialling happens elsewhere).
+
+        Raises HandshakeError if the registry already refuses the pair; a peer
+        that refuses it at the handshake fails the sender instead.
+        """
 
     @abstractmethod
     def open_receiver(self, transfer_id: str, block_ids: Sequence[int],

@@ -141,12 +141,37 @@ class _Transfer:
 
 
 class LinkSender(_Transfer, KVSender):
-    """Pushes layers through an outbound link's writer thread."""
+    """Pushes layers through an outbound link's writer thread.
+
+    Opened before its link exists (the transport dials on another thread, so
+    an engine thread never waits on a peer), it keeps what it is given until
+    `attach()`; layers may reach the wire in any order, the token last.
+    """
 
     def __init__(self, record: TransferRecord, layout: KVLayout, device: torch.device) -> None:
         self.record, self._layout, self._device = record, layout, device
         self._sent: set[int] = set()
         self._token_ids: list[int] | None = None
+        self._backlog: list[tuple[int, torch.Tensor]] = []  # layers sent before the link was up
+
+    def attach(self, link: Link) -> None:
+        """The dial finished: flush what was sent meanwhile."""
+        with self.record.cond:
+            self.record.link = link
+            backlog, self._backlog = self._backlog, []
+            token = self._token_ids is not None
+        for layer, tensor in backlog:
+            link.enqueue(self, layer, tensor)
+        if token:
+            link.enqueue_token(self)
+
+    def _link_or_hold(self, layer: int | None, tensor: torch.Tensor | None) -> Link | None:
+        """The link, or None after keeping the layer (or noting the token) for `attach()`."""
+        with self.record.cond:
+            link = self.record.link
+            if link is None and layer is not None:
+                self._backlog.append((layer, tensor))
+        return link
 
     def send(self, layer_index: int, tensor: torch.Tensor) -> None:
         self.record.raise_if_terminal()
@@ -157,20 +182,19 @@ class LinkSender(_Transfer, KVSender):
         check_block_tensor(tensor, self._layout, len(self.record.block_ids), self._device, f"layer {layer_index}")
         self._sent.add(layer_index)
         self.record.mark_transferring()
-        link = self.record.link
-        if link is None:
-            raise TransferError(f"transfer {self.transfer_id} has no link")
-        link.enqueue(self, layer_index, tensor)
+        link = self._link_or_hold(layer_index, tensor)
+        if link is not None:
+            link.enqueue(self, layer_index, tensor)
 
     def send_token(self, token_ids: Sequence[int]) -> None:
         self.record.raise_if_terminal()
         if self._token_ids is not None:
             raise BlockSetError(f"tokens of transfer {self.transfer_id} sent twice")
-        self._token_ids = [int(t) for t in token_ids]
-        link = self.record.link
-        if link is None:
-            raise TransferError(f"transfer {self.transfer_id} has no link")
-        link.enqueue_token(self)
+        with self.record.cond:
+            self._token_ids = [int(t) for t in token_ids]
+        link = self._link_or_hold(None, None)
+        if link is not None:
+            link.enqueue_token(self)
 
     def token_frame(self) -> Frame:
         return Frame(FrameKind.TOKEN, {"transfer_id": self.transfer_id, "token_ids": self._token_ids or []})

@@ -104,16 +104,40 @@ class LinkTransport(KVTransport):
 
     def open_sender(self, peer_id: str, transfer_id: str, block_ids: Sequence[int],
                     timeout_s: float | None = None) -> KVSender:
-        link = self._link_to(peer_id)
+        """Returns at once: with no live link to the peer yet, it is dialled on a thread of its own
+        (the caller may be an engine thread in a forward pass) and the sender holds its layers.
+        What the registry can tell without the network (unknown peer, other layout) raises here;
+        a refusal by the peer itself fails the sender (`poll()` FAILED, `error` a HandshakeError)."""
+        with self._lock:
+            link = self._outbound.get(peer_id)
+        if link is None or not link.alive:
+            self.registry.pair(self.endpoint, peer_id)
         record = self._new_record(transfer_id, "sender", block_ids, self.layout.num_layers, timeout_s)
-        record.link = link
         sender = LinkSender(record, self.layout, self.device)
         with self._lock:
+            if self._closed:
+                raise TransferError(f"transport of {self.instance_id} is closed")
             if transfer_id in self._senders:
                 raise TransferError(f"transfer {transfer_id} is already being sent")
+            link = self._outbound.get(peer_id)
+            record.link = link if link is not None and link.alive else None
             self._senders[transfer_id] = sender
         self._watch.schedule(record.deadline, record.expire)
+        if record.link is None:
+            threading.Thread(target=self._dial_for, args=(peer_id, sender), daemon=True,
+                             name=f"kv-dial-{peer_id}").start()
         return sender
+
+    def _dial_for(self, peer_id: str, sender: LinkSender) -> None:
+        try:
+            link = self._link_to(peer_id)
+        except Exception as exc:  # noqa: BLE001 - refused, unreachable, closed: the transfer fails
+            error = exc if isinstance(exc, TransferError) else HandshakeError(f"cannot reach {peer_id}: {exc}")
+            sender.record.finish(TransferState.FAILED, error)
+            return
+        sender.attach(link)
+        if sender.poll().terminal:  # ended while dialling (timeout, abort): tell the receiver now
+            link.send_control(self._end_frame(sender.record))
 
     def open_receiver(self, transfer_id: str, block_ids: Sequence[int],
                       timeout_s: float | None = None, expect_token: bool = False) -> KVReceiver:

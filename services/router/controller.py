@@ -51,6 +51,7 @@ class Router:
     def __init__(self, clients: list[EngineClient], policy: PlacementPolicy,
                  on_stats: Callable[[EngineStats], None] | None = None,
                  board: ReservationBoard | None = None, reservation_timeout_s: float = 300.0,
+                 transfer_timeout_s: float = 30.0,
                  on_restart: Callable[[EngineStats], None] | None = None, restart_backoff_s: float = 1.0) -> None:
         if not clients:
             raise ValueError("the router needs at least one instance")
@@ -58,6 +59,7 @@ class Router:
         self.policy = policy
         self.board = board  # where decode instances post reservations (disaggregated pools)
         self.reservation_timeout_s = reservation_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
         self.handoff_counters: dict[str, int] = {}
         self._on_stats = on_stats
         self._stats: dict[str, EngineStats] = {}
@@ -113,7 +115,7 @@ class Router:
             return route.decode.generate(request)
         if self.board is None:
             raise ConfigError("disaggregated routes need a reservation board")
-        return Handoff(route.prefill, route.decode, self.board, self.reservation_timeout_s,
+        return Handoff(route.prefill, route.decode, self.board, self.reservation_timeout_s, self.transfer_timeout_s,
                        self.handoff_counters).stream(request)
 
     @contextlib.contextmanager

@@ -17,6 +17,9 @@ Failure paths, each ending the other half at once:
   - D's KV never landed but P's token was sent: D recomputes (its connector
     says so); if it then samples another first token, it is restarted with
     P's token forced (`FIRST_TOKEN_KEY`), so the stream goes on from it.
+  - D takes longer than the transfer timeout after P's token (a stuck
+    transfer, a frozen D): D is aborted and the request goes on whole on P
+    from its own token (P holds the prompt in its prefix cache).
   - D fails after the client saw tokens: a clear error (resuming a stream is
     migration's work). The client leaving aborts both.
 """
@@ -67,6 +70,7 @@ class Handoff:
     decode: EngineClient
     board: ReservationBoard
     timeout_s: float  # longest wait for D's reservation (D may be queued for KV room)
+    transfer_timeout_s: float  # after P's token, longest wait for D's first step (the KV's progress deadline)
     counters: dict[str, int]  # handoffs, fallbacks_*, prefill_failures, first_token_restarts, ...
 
     def _count(self, name: str) -> None:
@@ -195,9 +199,23 @@ class _Run:
             if item.request_finished:
                 return
 
+    async def _next(self) -> tuple[str, Any]:
+        """The next item of either half; past P's token, D's first step has a deadline."""
+        if self.first is None or not self.first.token_ids or self.decode_tag != "d0":
+            return await self.queue.get()
+        left = self.first_at + self.h.transfer_timeout_s - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.queue.get(), max(left, 0.0))
+        except asyncio.TimeoutError:
+            self.h._count("handoff_timeouts")
+            logger.warning("request %s: no decode step %.0f s after prefill's token; continuing on %s",
+                           self.tid, self.h.transfer_timeout_s, self.h.prefill.instance_id)
+            self._continue_from_first(self.h.prefill)
+            return await self._next()
+
     async def _merge(self) -> AsyncIterator[OutputDelta]:
         while True:
-            tag, item = await self.queue.get()
+            tag, item = await self._next()
             if tag == "p":
                 out = await self._on_prefill(item)
             elif tag == self.decode_tag:
@@ -264,19 +282,26 @@ class _Run:
             logger.warning("request %s: decode's first token %d is not prefill's %d (its KV failed); "
                            "restarting decode from prefill's token", self.tid, delta.token_ids[0], expected)
             await self._stop(self.decode_tag)
-            self.decode_tag = f"d{self.attempts}"
-            self.attempts += 1
-            params = self.request.sampling_params
-            self._start(self.decode_tag, self.h.decode, dataclasses.replace(
-                self.request, request_id=f"{self.tid}-{self.decode_tag}",
-                sampling_params=_with_params(params, prompt_logprobs=None,
-                                             extra_args=_extra(params, **{FIRST_TOKEN_KEY: expected}))))
+            self._continue_from_first(self.h.decode)
             return None
         self.first = dataclasses.replace(self.first, token_ids=[])  # dropped once
         self.handoff_s = time.monotonic() - self.first_at
         rest = dataclasses.replace(delta, token_ids=delta.token_ids[1:],
                                    logprobs=delta.logprobs[1:] if delta.logprobs else delta.logprobs)
         return self._after_first(rest)
+
+    def _continue_from_first(self, client: EngineClient) -> None:
+        """A new decoding half on `client`, its first token forced to P's (it recomputes the prompt)."""
+        old = self.tasks.pop(self.decode_tag, None)
+        if old is not None:
+            old.cancel()  # its stream's close aborts it on its instance
+        self.decode_tag = f"d{self.attempts}"
+        self.attempts += 1
+        params = self.request.sampling_params
+        self._start(self.decode_tag, client, dataclasses.replace(
+            self.request, request_id=f"{self.tid}-{self.decode_tag}",
+            sampling_params=_with_params(params, prompt_logprobs=None,
+                                         extra_args=_extra(params, **{FIRST_TOKEN_KEY: self.first.token_ids[0]}))))
 
     def _after_first(self, delta: OutputDelta) -> OutputDelta | None:
         if self.skip_text:

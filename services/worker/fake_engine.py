@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable
 
 from pdserve.shared.errors import EngineDeadError, EngineError
 from pdserve.shared.protocol import FIRST_TOKEN_KEY, EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
-from pdserve.shared.roles import Role
+from pdserve.shared.roles import InstanceState, Role
 from pdserve.worker.client import EngineClient
 
 
@@ -31,6 +31,7 @@ class FaultPlan:
     # (a decode instance whose KV handoff failed and that sampled on its own).
     diverge_first_token: bool = False
     frozen: bool = False  # the instance accepts requests and never answers (a hung engine)
+    restart_fails: bool = False  # bringing a new engine up fails (the controller backs off and retries)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class FakeEngineClient(EngineClient):
     # Shared by a fake P and D: transfer id -> set once P produced its token (its "KV landed"),
     # so a fake D with a remote prefill waits for it as a real one waits for its KV.
     kv_fabric: dict[str, asyncio.Event] | None = None
+    restarts: int = 0
 
     @classmethod
     def make(cls, instance_id: str = "fake-0", role: Role = Role.MIXED, max_model_len: int = 512,
@@ -142,7 +144,20 @@ class FakeEngineClient(EngineClient):
     async def stats(self) -> EngineStats:
         return EngineStats(self.instance_id, self.info.role, num_running=len(self.in_flight),
                            kv_blocks_total=self.info.kv_blocks_total, in_flight=len(self.in_flight),
-                           healthy=not self.dead)
+                           healthy=not self.dead, state=InstanceState.DEAD if self.dead else InstanceState.READY)
 
     async def close(self) -> None:
         self.dead = True
+
+    async def inject_fault(self, fault: str) -> list[int]:
+        if fault != "kill":
+            raise ValueError(f"the fake engine only knows the fault 'kill', not {fault!r}")
+        self.dead = True
+        return []
+
+    async def restart(self) -> EngineInfo:
+        if self.faults.restart_fails:
+            raise EngineError(f"instance {self.instance_id} did not come back (injected)")
+        self.dead = False
+        self.restarts += 1
+        return self.info

@@ -34,10 +34,10 @@ def _offline_generate(model_dir: Path, requests: list[tuple[list[int], dict]], m
 
 
 def _offline_greedy(model_dir: Path, prompts: list[list[int]], max_len: int, kv_bytes: int,
-                   max_tokens: int) -> list[list[int]]:
+                   max_tokens: int, **engine_kwargs) -> list[list[int]]:
     """Greedy token ids of one colocated engine per prompt."""
     greedy = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
-    outputs = _offline_generate(model_dir, [(p, greedy) for p in prompts], max_len, kv_bytes)
+    outputs = _offline_generate(model_dir, [(p, greedy) for p in prompts], max_len, kv_bytes, **engine_kwargs)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 

@@ -34,7 +34,9 @@ class Gateway:
         self.engines = engines
         self.model = model
         self.metrics = Metrics(MODEL)
-        router = Router(engines, make_policy("least_loaded"), on_stats=self.metrics.observe_instance)
+        router = Router(engines, make_policy("least_loaded"), on_stats=self.metrics.observe_instance,
+                        on_restart=self.metrics.observe_restart)
+        self.router = router
         app = create_app(GatewayState(model, router, self.metrics, api_key=api_key, stats_interval_s=0.05))
         self.server = GatewayServer(app, "127.0.0.1", 0, log_level="warning")
         self.url = self.server.start_in_thread()
@@ -222,15 +224,15 @@ def test_engine_failure_mid_stream(served_model):
 
 
 def test_dead_instance_fails_over(served_model):
-    dying = _fake(served_model, instance_id="fake-0", faults=FaultPlan(die_after_tokens=1))
+    dying = _fake(served_model, instance_id="fake-0", faults=FaultPlan(die_after_tokens=1, restart_fails=True))
     healthy = _fake(served_model, instance_id="fake-1")
     gw = Gateway(served_model, [dying, healthy])
+    gw.router._restart_backoff_s = 60.0  # one failed restart, then a long wait: the instance stays down
     try:
         first = _post(gw.url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5})
         _assert_error(first, 503)
-        time.sleep(0.3)  # a stats refresh marks the instance unhealthy
-        health = httpx.get(gw.url + "/health").json()
-        assert health["healthy_instances"] == ["fake-1"]
+        _wait_for(lambda: httpx.get(gw.url + "/health").json()["healthy_instances"] == ["fake-1"])
+        assert httpx.get(gw.url + "/health").json()["status"] == "degraded"
         for _ in range(3):
             assert _post(gw.url, "/v1/completions", {"model": MODEL, "prompt": "hi"}).status_code == 200
         assert len(healthy.submitted) == 3
@@ -287,3 +289,49 @@ def test_metrics_and_models(gateway):
     assert 'pdserve:time_to_first_token_seconds_count{model_name="demo"} 1.0' in text
     assert 'pdserve:generation_tokens_total{model_name="demo"} 4.0' in text
     assert 'pdserve:num_requests_running{instance="fake-0",model_name="demo",role="mixed"}' in text
+
+
+def test_dead_instance_shows_in_health_is_restarted_and_counted(served_model, monkeypatch):
+    monkeypatch.setenv("PDSERVE_FAULT_HOOKS", "1")
+    engines = [_fake(served_model, instance_id="fake-0")]
+    gw = Gateway(served_model, engines)
+    gw.router._restart_backoff_s = 0.05
+    try:
+        assert httpx.get(gw.url + "/health").json()["status"] == "ok"
+        engines[0].faults = FaultPlan(restart_fails=True)  # restarts fail until the fault is lifted
+        resp = httpx.post(gw.url + "/admin/faults/kill", json={"instance_id": "fake-0"})
+        assert resp.status_code == 200, resp.text
+        down = _wait_for(lambda: (h := httpx.get(gw.url + "/health")).status_code == 503 and h.json())
+        assert down["roles_down"] == ["mixed"] and down["instances"][0]["state"] in ("dead", "restarting")
+        # A request meanwhile is refused at once (no healthy instance), not left waiting.
+        started = time.monotonic()
+        refused = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and time.monotonic() - started < 1.0
+        engines[0].faults = FaultPlan()
+        back = _wait_for(lambda: (h := httpx.get(gw.url + "/health")).status_code == 200 and h.json())
+        assert back["status"] == "ok" and back["instances"][0]["restarts"] == 1
+        assert engines[0].restarts == 1
+        assert 'pdserve:engine_restarts_total{instance="fake-0",model_name="demo",role="mixed"} 1.0' in \
+            httpx.get(gw.url + "/metrics").text
+        ok = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+        # Fault routes refuse bad input in the OpenAI error format.
+        bad = httpx.post(gw.url + "/admin/faults/melt", json={"instance_id": "fake-0"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "fault"
+    finally:
+        gw.server.stop()
+
+
+def test_fault_routes_are_off_by_default(gateway):
+    resp = httpx.post(gateway.url + "/admin/faults/kill", json={"instance_id": "fake-0"})
+    assert resp.status_code == 404 and "error" in resp.json()
+
+
+def _wait_for(condition, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")

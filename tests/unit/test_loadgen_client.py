@@ -178,3 +178,30 @@ def test_sweep_writes_points_and_compare_charts_them(tmp_path, capsys):
     written = compare([sweep_dir, other], tmp_path / "cmp", labels=["base", "half"])
     assert {p.name for p in written} == {"compare_sweep_throughput.png", "compare_sweep_slo_attainment.png"}
     assert "×0.50" in capsys.readouterr().out
+
+
+def _spec():
+    from pdserve.loadgen.client import RequestSpec
+    from pdserve.loadgen.prompts import Prompt
+
+    return RequestSpec(0, Prompt("hello", 1, None), 4, 0.0)
+
+
+def test_sampling_flags_reach_every_request():
+    import argparse
+
+    from pdserve.loadgen.cli import add_arguments, build_config
+    from pdserve.loadgen.client import build_payload
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--base-url", "http://127.0.0.1:1", "--model", "m", "--num-requests", "1", "--rate", "1",
+                              "--temperature", "0", "--top-p", "0.9", "--top-k", "5",
+                              "--extra-body", '{"seed": 3, "min_tokens": 2}'])
+    target = build_config(args).target
+    payload = build_payload(target, _spec())
+    assert (payload["temperature"], payload["top_p"], payload["top_k"]) == (0.0, 0.9, 5)
+    assert payload["seed"] == 3 and payload["min_tokens"] == 2
+    # Unset: the server's defaults (OpenAI's temperature 1), nothing sent.
+    args = parser.parse_args(["--base-url", "http://127.0.0.1:1", "--model", "m", "--num-requests", "1", "--rate", "1"])
+    assert "temperature" not in build_payload(build_config(args).target, _spec())

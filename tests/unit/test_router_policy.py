@@ -52,6 +52,16 @@ def test_no_healthy_instance_is_rejected():
     assert isinstance(d, Rejection) and "no healthy instance" in d.reason
 
 
+@pytest.mark.parametrize("down", [Role.PREFILL, Role.DECODE])
+def test_a_pool_that_is_down_costs_latency_not_requests(down):
+    """With every P (or every D) dead, the other pool's instances run requests whole."""
+    instances = [inst("p0", Role.PREFILL), inst("d0", Role.DECODE)]
+    s = snap(*(InstanceSnapshot(i.instance_id, i.role, healthy=False) if i.role is down else i for i in instances))
+    alive = "d0" if down is Role.PREFILL else "p0"
+    for policy in (LeastLoaded(), RoundRobin(), ShortestQueueKV()):
+        assert policy.decide(REQ, s) == Placement("r", prefill=alive, decode=alive)
+
+
 def test_unknown_policy_name():
     with pytest.raises(UnknownPolicyError):
         make_policy("magic")
