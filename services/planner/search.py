@@ -155,10 +155,10 @@ class Planner:
     def validate(self, e: Evaluation, at_rate: bool, max_growth: int = 10) -> None:
         """Re-check a search result on the whole trace, not the window the search used.
 
-        At a budget: re-search the design's rate. At a rate: if the design falls
-        short on the whole trace, grow both pools by 10% steps until it holds,
-        then (unless legacy) bisect the last step down to the smallest design
-        between the last that failed and the first that held.
+        At a budget: re-search the design's rate. At a rate: the smallest
+        proportional scaling of both pools that holds on the whole trace,
+        bracketed by 10% steps and bisected (legacy: grow by 10% steps until
+        it holds, never shrink).
         """
         window, self.window = self.window, None
         try:
@@ -166,7 +166,7 @@ class Planner:
                 e.full_trace_rate = self.max_rate(e.design, e.rate, step=1.1).rate
                 return
             if self.search != "legacy":
-                self._grow_by_bisection(e, max_growth)
+                self._grow_by_bisection(e, max_growth)  # may also shrink it
                 return
             for _ in range(max_growth):
                 e.full_trace_ok = self.run(e.design, e.rate).ok
@@ -180,30 +180,45 @@ class Planner:
         finally:
             self.window = window
 
-    def _grow_by_bisection(self, e: Evaluation, max_growth: int) -> None:
-        base = e.design
+    def _grow_by_bisection(self, e: Evaluation, max_steps: int) -> None:
+        """The smallest proportional scaling of the design that holds on the whole trace.
 
-        def scaled(s: float) -> Design:
-            return Design(base.family, math.ceil(base.prompt_count * s - 1e-9),
-                          math.ceil(base.token_count * s - 1e-9) if base.family.split else 0)
+        Bracket by 10% steps (up while it fails; down while it holds, since the
+        window can be harsher than the whole trace too), then bisect the last step.
+        """
+        base, held = e.design, {}
 
-        lo, hi, held = 1.0, None, {}
-        for k in range(max_growth + 1):  # bracket: 10% steps until the whole trace holds
-            s = 1.1 ** k
-            held[scaled(s)] = self.run(scaled(s), e.rate).ok
-            if held[scaled(s)]:
-                hi = s
-                break
-            lo = s
-        if hi is None:
-            e.full_trace_ok, e.grown_from = False, None
-            return
-        while hi > 1.0 and hi - lo > 1e-3:  # bisect the last step; sizes are whole machines
-            mid = (lo + hi) / 2
-            d = scaled(mid)
-            if d not in held:
+        def scaled(s: float) -> Design | None:
+            d = Design(base.family, math.ceil(base.prompt_count * s - 1e-9),
+                       math.ceil(base.token_count * s - 1e-9) if base.family.split else 0)
+            return None if d.prompt_count < 1 or (d.family.split and d.token_count < 1) else d
+
+        def ok(s: float) -> bool:
+            d = scaled(s)
+            if d is not None and d not in held:
                 held[d] = self.run(d, e.rate).ok
-            lo, hi = (lo, mid) if held[d] else (mid, hi)
+            return d is not None and held[d]
+
+        if ok(1.0):
+            lo, hi = 0.0, 1.0
+            for k in range(1, max_steps + 1):
+                if not ok(1.1 ** -k):
+                    lo = 1.1 ** -k
+                    break
+                hi = 1.1 ** -k
+        else:
+            lo, hi = 1.0, None
+            for k in range(1, max_steps + 1):
+                if ok(1.1 ** k):
+                    hi = 1.1 ** k
+                    break
+                lo = 1.1 ** k
+            if hi is None:
+                e.full_trace_ok = False
+                return
+        while hi - lo > 1e-3 and scaled(lo) != scaled(hi):  # bisect; sizes are whole machines
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
         e.full_trace_ok = True
         if scaled(hi) != base:
             e.grown_from, e.design = base.label(), scaled(hi)
@@ -255,12 +270,12 @@ def budget_designs(family: Family, planner: Planner, budget: float, per: Callabl
     """Every design of `family` that spends as much of `budget` as whole machines allow."""
     p = per(planner.machine(family.prompt))
     if not family.split:
-        n = int(budget // p + 1e-9)
+        n = int(budget / p + 1e-9)  # not //: 275.4 // 10.2 is 26.0, one machine short
         return [Design(family, n)] if n >= min_count else []
     t = per(planner.machine(family.token))
     designs = []
-    for n_p in range(min_count, int(budget // p + 1e-9) + 1):
-        n_t = int((budget - n_p * p) // t + 1e-9)
+    for n_p in range(min_count, int(budget / p + 1e-9) + 1):
+        n_t = int((budget - n_p * p) / t + 1e-9)
         if n_t >= min_count:
             designs.append(Design(family, n_p, n_t))
     return designs

@@ -171,3 +171,16 @@ def test_matched_window_offers_the_whole_trace_s_load():
     # contiguous: bursts kept as they are
     assert any(np.array_equal(tr.prompt[i:i + 500], w.prompt) for i in np.flatnonzero(tr.prompt == w.prompt[0]))
     assert tr.matched_window(None) is tr
+
+
+def test_whole_trace_check_shrinks_a_design_the_window_was_too_harsh_for():
+    from pdserve.planner.search import Evaluation
+
+    pl = _threshold_planner("matched", need=12)
+    e = Evaluation(Design(Family.parse("x/x"), 15, 15), rate=1.0, ok=True, cost_per_hour=30.0, power_kw=30.0)
+    pl.validate(e, at_rate=True)
+    assert e.full_trace_ok and (e.design.prompt_count, e.design.token_count) == (12, 12)
+    legacy = _threshold_planner("legacy", need=12)
+    e = Evaluation(Design(Family.parse("x/x"), 15, 15), rate=1.0, ok=True, cost_per_hour=30.0, power_kw=30.0)
+    legacy.validate(e, at_rate=True)
+    assert (e.design.prompt_count, e.grown_from) == (15, None)
