@@ -36,6 +36,17 @@ def _init_ray(config: ServeConfig) -> None:
         ray.init(address=config.ray.address, namespace=config.ray.namespace)
 
 
+def _cores_to_bind(config: ServeConfig) -> list[int] | None:
+    """This machine's cores, when CPU instances should each bind their own (a local Ray on a CPU platform)."""
+    from vllm.platforms import current_platform
+
+    if not config.pools.bind_cores or config.ray.address is not None or config.pools.gpus_per_instance:
+        return None
+    if not current_platform.is_cpu():
+        return None
+    return sorted(os.sched_getaffinity(0))
+
+
 def _reap(processes: list, grace_s: float = 10.0) -> None:
     """End processes that outlived shutdown (Ray's per-node agents linger after their raylet)."""
     import psutil
@@ -74,7 +85,7 @@ def serve(config: ServeConfig) -> int:
             board_dir = config.kv_transfer.board_dir or stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="pdserve-board-"))
         pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace,
-                            kv=config.kv_transfer, board_dir=board_dir)
+                            kv=config.kv_transfer, board_dir=board_dir, cores=_cores_to_bind(config))
         info = pools.clients[0].info
         model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,
                                  info.max_model_len, info.max_logprobs)

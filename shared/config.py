@@ -38,6 +38,9 @@ class EngineConfig(_Strict):
     model: str = Field(default_factory=demo_model_path,
                        description="Local HF-format model directory or hub id; default: the bundled demo model.")
     served_model_name: str | None = Field(None, description="Name clients use in `model`; default: the model's folder or hub id.")
+    stall_timeout_s: float = Field(
+        30.0, gt=0, description="An engine core that answers no health ping for this long (hung, frozen) is "
+                                "treated as dead: its processes are killed and it is restarted.")
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; default: the model's.")
     dtype: str = Field("auto", description="Weights and activations dtype passed to vLLM (auto, float32, bfloat16, float16).")
     max_model_len: int | None = Field(None, gt=0, description="Context length (prompt + output tokens); default: the model's.")
@@ -72,6 +75,10 @@ class PoolsConfig(_Strict):
     decode: int = Field(1, ge=0, description="Decode instances (disaggregated serving).")
     cpus_per_instance: float = Field(1.0, gt=0, description="Ray CPUs each instance reserves.")
     gpus_per_instance: float = Field(0.0, ge=0, description="Ray GPUs each instance reserves (0 on CPU machines).")
+    bind_cores: bool = Field(
+        True, description="CPU instances on a local Ray bind their compute threads to cores of their own "
+                          "(cpus_per_instance each, in instance order), so a prefill and a decode instance never "
+                          "share a core; off: vLLM's own binding (each engine takes what it sees).")
 
     @model_validator(mode="after")
     def _check_roles(self) -> "PoolsConfig":

@@ -32,6 +32,8 @@ from pdserve.worker.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
+_FAILED_POLLS_DEAD = 3  # stats calls failing in a row before an instance counts as dead
+
 
 @dataclass(frozen=True)
 class Route:
@@ -71,6 +73,7 @@ class Router:
         self._restarting: dict[str, asyncio.Task] = {}
         self._next_restart: dict[str, tuple[float, float]] = {}  # instance -> (not before, next backoff)
         self.restarts: dict[str, int] = {iid: 0 for iid in self.clients}
+        self._stats_failures: dict[str, int] = {}
 
     def snapshot(self) -> ClusterSnapshot:
         instances = tuple(
@@ -135,8 +138,15 @@ class Router:
         results = await asyncio.gather(*(c.stats() for c in self.clients.values()), return_exceptions=True)
         for (iid, client), result in zip(self.clients.items(), results):
             if isinstance(result, BaseException):
-                logger.warning("stats of %s failed: %s", iid, result)
-                result = EngineStats(iid, client.info.role, healthy=False, state=InstanceState.DEAD)
+                # Unhealthy at once; dead (and restarted) only if it keeps failing: one lost RPC
+                # must not cost a healthy engine its restart.
+                self._stats_failures[iid] = self._stats_failures.get(iid, 0) + 1
+                logger.warning("stats of %s failed (%d in a row): %s", iid, self._stats_failures[iid], result)
+                state = InstanceState.DEAD if self._stats_failures[iid] >= _FAILED_POLLS_DEAD else \
+                    (self._stats.get(iid) or EngineStats(iid, client.info.role)).state
+                result = EngineStats(iid, client.info.role, healthy=False, state=state)
+            else:
+                self._stats_failures[iid] = 0
             self._stats[iid] = result
             if self._on_stats is not None:
                 self._on_stats(result)
@@ -164,8 +174,8 @@ class Router:
             self._restarting.pop(iid, None)
         self._next_restart.pop(iid, None)
         self.restarts[iid] += 1
-        stats = await client.stats()
-        self._stats[iid] = stats
+        stats = EngineStats(iid, client.info.role, kv_blocks_total=client.info.kv_blocks_total)
+        self._stats[iid] = stats  # the next poll brings its real figures
         if self._on_restart is not None:
             self._on_restart(stats)
         logger.info("instance %s is back", iid)

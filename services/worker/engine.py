@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from typing import Any, AsyncIterator
 
 from pdserve.shared.config import EngineConfig, KVTransferConfig
@@ -188,6 +189,8 @@ class EngineWorker:
         self._tasks: dict[str, asyncio.Task] = {}
         self._outbox: asyncio.Queue[OutputDelta] | None = None
         self._state = InstanceState.STARTING
+        self._ping: asyncio.Task | None = None  # the health ping in flight to the engine core
+        self._answered_at = 0.0  # monotonic: the engine core's last answer
 
     async def start(self) -> EngineInfo:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -195,6 +198,13 @@ class EngineWorker:
         if self._outbox is None:  # kept across restarts: the gateway's stream reads it
             self._outbox = asyncio.Queue()
         self._state = InstanceState.STARTING
+        if self._ping is not None:  # a ping to the engine this one replaces never answers
+            self._ping.cancel()
+            self._ping = None
+        # A new engine starts with an empty queue; the connector's running totals carry on.
+        totals = self._stats.kv_transfer
+        self._stats = _SchedulerStatsHolder()
+        self._stats.kv_transfer = totals
         args = build_engine_args(self.config, self.kv_transfer_config)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
         vllm_config = self._engine.vllm_config
@@ -208,11 +218,13 @@ class EngineWorker:
             max_logprobs=vllm_config.model_config.max_logprobs,
         )
         self._state = InstanceState.READY
+        self._answered_at = time.monotonic()
         logger.info("instance %s (%s) ready: %s", self.instance_id, self.role.value, self._info)
         return self._info
 
     async def restart(self) -> EngineInfo:
         """A new engine in place of a dead one; requests still held here fail as dead."""
+        self._signal_children(signal.SIGKILL)  # a hung engine core would not stop when asked
         old, self._engine = self._engine, None
         self._state = InstanceState.RESTARTING
         for rid, task in list(self._tasks.items()):
@@ -233,17 +245,21 @@ class EngineWorker:
 
         The engine core and its workers are this actor's child processes.
         """
-        import psutil
-
         if os.environ.get(FAULTS_ENV) != "1":
             raise PermissionError(f"fault hooks are off (set {FAULTS_ENV}=1)")
         signals = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT}
         if fault not in signals:
             raise ValueError(f"unknown fault {fault!r}; one of {sorted(signals)}")
+        return self._signal_children(signals[fault])
+
+    @staticmethod
+    def _signal_children(sig: int) -> list[int]:
+        import psutil
+
         hit = []
         for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                os.kill(child.pid, signals[fault])
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                os.kill(child.pid, sig)
                 hit.append(child.pid)
         return hit
 
@@ -316,9 +332,29 @@ class EngineWorker:
     def state(self) -> InstanceState:
         if self._state is InstanceState.READY and (self._engine is None or self._engine.errored):
             self._state = InstanceState.DEAD  # the engine core died (vLLM's monitor noticed)
+        if self._state is InstanceState.READY:
+            self._heartbeat()
         return self._state
 
-    def stats(self) -> EngineStats:
+    def _heartbeat(self) -> None:
+        """Keep one health ping in flight to the engine core; no answer for stall_timeout_s means dead.
+
+        The engine core answers between steps, so a busy engine answers late but answers.
+        """
+        now = time.monotonic()
+        if self._ping is not None and self._ping.done():
+            if not self._ping.cancelled() and self._ping.exception() is None:
+                self._answered_at = now
+            self._ping = None
+        if self._ping is None:
+            self._ping = asyncio.get_running_loop().create_task(self._engine.is_sleeping())
+        if now - self._answered_at > self.config.stall_timeout_s:
+            logger.error("instance %s: engine core silent for %.0f s; treating it as dead",
+                         self.instance_id, now - self._answered_at)
+            self._ping.cancel()
+            self._state = InstanceState.DEAD
+
+    async def stats(self) -> EngineStats:
         state = self.state()
         return EngineStats(
             instance_id=self.instance_id,

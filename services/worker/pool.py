@@ -32,22 +32,47 @@ class Pools:
         return [c.actor for c in self.clients]
 
 
+def core_bindings(count: int, cores_each: int, available: list[int]) -> list[str]:
+    """Disjoint core lists, one per instance in order (vLLM's VLLM_CPU_OMP_THREADS_BIND syntax).
+
+    With fewer cores than instances need, the lists wrap around and instances share (logged).
+    """
+    if not available:
+        raise EngineError("no CPU cores to bind instances to")
+    cores_each = max(1, min(cores_each, len(available)))
+    if count * cores_each > len(available):
+        logger.warning("%d instance(s) x %d core(s) exceed the %d core(s) here: some instances share cores",
+                       count, cores_each, len(available))
+    out = []
+    for i in range(count):
+        cores = [available[(i * cores_each + k) % len(available)] for k in range(cores_each)]
+        out.append(",".join(str(c) for c in sorted(set(cores))))
+    return out
+
+
 def _instances(pools: PoolsConfig) -> list[tuple[str, Role]]:
     plan = [(Role.MIXED, pools.mixed), (Role.PREFILL, pools.prefill), (Role.DECODE, pools.decode)]
     return [(f"{role.value}-{i}", role) for role, count in plan for i in range(count)]
 
 
 def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str = "pdserve",
-                kv: KVTransferConfig | None = None, board_dir: str | None = None) -> Pools:
+                kv: KVTransferConfig | None = None, board_dir: str | None = None,
+                cores: list[int] | None = None) -> Pools:
     """Create and start every instance; raises `EngineError` if any fails to start.
 
     Prefill and decode instances get pdserve's KV connector (`kv` and the
     reservation `board_dir` are then required); mixed instances run plain vLLM.
+    With `cores` (CPU engines on this machine), each instance binds its compute
+    threads to its own slice of them (`core_bindings`).
     """
     import ray
 
     actor_cls = ray.remote(EngineWorker)
     generation = itertools.count(1)
+
+    instances = _instances(pools)
+    bindings = dict(zip((iid for iid, _ in instances),
+                        core_bindings(len(instances), int(pools.cpus_per_instance), cores))) if cores else {}
 
     def make_actor(instance_id: str, role: Role) -> Any:
         connector = None
@@ -61,9 +86,11 @@ def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str 
             num_cpus=pools.cpus_per_instance,
             num_gpus=pools.gpus_per_instance,
             max_concurrency=1000,  # one long-lived outputs() stream plus control calls
+            # The engine core inherits the actor's environment: vLLM-CPU binds its threads as told.
+            runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": bindings[instance_id]}}
+            if instance_id in bindings else None,
         ).remote(instance_id, role, engine, connector)
 
-    instances = _instances(pools)
     actors = [make_actor(instance_id, role) for instance_id, role in instances]
     try:
         infos = ray.get([a.start.remote() for a in actors])

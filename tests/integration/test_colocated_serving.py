@@ -148,6 +148,10 @@ def test_client_disconnect_aborts_in_engine(server):
         lines = resp.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: {") for line in received)
+        # /health shows stats polled every 0.5 s: wait for the state, not for one poll.
+        deadline = time.monotonic() + 3
+        while _instance(server)["in_flight"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _instance(server)["in_flight"] == 1
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -90,3 +90,12 @@ def test_serve_help_documents_every_option(capsys):
     for flag in ("--model", "--host", "--port", "--address", "--mode", "--mixed", "--prefill", "--decode", "--dtype",
                  "--max-model-len", "--kv-cache-memory-bytes", "--api-key", "--config", "--engine-arg"):
         assert flag in text
+
+
+def test_core_bindings_are_disjoint_until_cores_run_out():
+    from pdserve.worker.pool import core_bindings
+
+    assert core_bindings(2, 1, [0, 1]) == ["0", "1"]  # one prefill, one decode: a core each
+    assert core_bindings(2, 2, [0, 1, 2, 3, 4]) == ["0,1", "2,3"]
+    assert core_bindings(3, 1, [4, 6]) == ["4", "6", "4"]  # too few: they wrap (and share, with a warning)
+    assert core_bindings(1, 8, [0, 1]) == ["0,1"]  # no more than there are

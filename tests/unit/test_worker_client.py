@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -146,4 +147,37 @@ async def test_worker_marks_only_the_last_delta_of_a_request_finished():
     deltas = [worker._outbox.get_nowait() for _ in range(worker._outbox.qsize())]
     assert [(d.index, d.token_ids, d.request_finished) for d in deltas] == [
         (0, [5], False), (1, [6], False), (0, [7], False), (1, [8], True)]
-    assert worker.stats().in_flight == 0
+    assert (await worker.stats()).in_flight == 0
+
+
+class _SilentEngine:
+    """An engine core that is alive (not errored) but answers no ping: hung, or frozen."""
+
+    errored = False
+
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+
+    async def is_sleeping(self) -> bool:
+        if not self.answers:
+            await asyncio.Event().wait()
+        return False
+
+
+@pytest.mark.parametrize("answers", [True, False])
+async def test_an_engine_core_that_stops_answering_is_reported_dead(answers):
+    from pdserve.shared.roles import InstanceState
+    from pdserve.worker.engine import EngineWorker
+
+    worker = EngineWorker("decode-0", Role.DECODE, EngineConfig(model="/m", stall_timeout_s=0.3))
+    worker._engine, worker._outbox = _SilentEngine(answers), asyncio.Queue()
+    worker._state, worker._answered_at = InstanceState.READY, time.monotonic()
+    states = []
+    for _ in range(8):
+        states.append((await worker.stats()).state)
+        await asyncio.sleep(0.1)
+    if answers:
+        assert set(states) == {InstanceState.READY}
+    else:
+        assert states[0] is InstanceState.READY and states[-1] is InstanceState.DEAD
+        assert not (await worker.stats()).healthy
