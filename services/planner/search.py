@@ -220,9 +220,27 @@ class Planner:
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if ok(mid) else (mid, hi)
         e.full_trace_ok = True
-        if scaled(hi) != base:
-            e.grown_from, e.design = base.label(), scaled(hi)
+        best = self._trim(scaled(hi), e.rate, held)
+        if best != base:
+            e.grown_from, e.design = base.label(), best
             e.cost_per_hour, e.power_kw = self.cost(e.design), self.power(e.design)
+
+    def _trim(self, design: Design, rate: float, held: dict) -> Design:
+        """Each pool alone down to the fewest machines that still hold (scaling both rounds small pools up)."""
+        if not design.family.split:
+            return design
+        for pool in ("token_count", "prompt_count"):
+            lo, hi = 0, getattr(design, pool)  # with the other pool as it is, nothing below is known to fail
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                d = Design(design.family, **{**{"prompt_count": design.prompt_count,
+                                                "token_count": design.token_count}, pool: mid})
+                if d not in held:
+                    held[d] = self.run(d, rate).ok
+                lo, hi = (lo, mid) if held[d] else (mid, hi)
+            design = Design(design.family, **{**{"prompt_count": design.prompt_count,
+                                                 "token_count": design.token_count}, pool: hi})
+        return design
 
     def evaluate(self, design: Design, rate: float) -> Evaluation:
         report = self.run(design, rate)

@@ -128,8 +128,8 @@ def test_whole_trace_check_grows_a_design_the_sample_flattered():
     assert e.cost_per_hour == pl.cost(e.design) and pl.window == 30
 
 
-def _threshold_planner(search: str, need: int) -> Planner:
-    """A planner whose designs hold exactly when both pools have at least `need` machines."""
+def _threshold_planner(search: str, need: int, need_tokens: int | None = None) -> Planner:
+    """A planner whose designs hold exactly when the pools have at least `need` (`need_tokens`) machines."""
     from pdserve.planner.slo import SloReport
 
     pl = toy_planner({"x": 1.0}, {"x": 1.0}, window=30)
@@ -138,7 +138,7 @@ def _threshold_planner(search: str, need: int) -> Planner:
 
     def run(design, rate):
         tried.append(design.label())
-        ok = design.prompt_count >= need and design.token_count >= need
+        ok = design.prompt_count >= need and design.token_count >= (need if need_tokens is None else need_tokens)
         return SloReport(ok, {}, 0, "")
 
     pl.run, pl.tried = run, tried
@@ -184,3 +184,13 @@ def test_whole_trace_check_shrinks_a_design_the_window_was_too_harsh_for():
     e = Evaluation(Design(Family.parse("x/x"), 15, 15), rate=1.0, ok=True, cost_per_hour=30.0, power_kw=30.0)
     legacy.validate(e, at_rate=True)
     assert (e.design.prompt_count, e.grown_from) == (15, None)
+
+
+def test_whole_trace_check_trims_the_pool_that_proportional_growth_rounded_up():
+    from pdserve.planner.search import Evaluation
+
+    # 10P+2T: growing both by 10% steps rounds the 2 token machines up to 3; trimming brings them back
+    pl = _threshold_planner("matched", need=15, need_tokens=2)
+    e = Evaluation(Design(Family.parse("x/x"), 10, 2), rate=1.0, ok=True, cost_per_hour=12.0, power_kw=12.0)
+    pl.validate(e, at_rate=True)
+    assert (e.design.prompt_count, e.design.token_count) == (15, 2)
