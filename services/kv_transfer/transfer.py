@@ -165,11 +165,11 @@ class LinkSender(_Transfer, KVSender):
         if token:
             link.enqueue_token(self)
 
-    def _link_or_hold(self, layer: int | None, tensor: torch.Tensor | None) -> Link | None:
-        """The link, or None after keeping the layer (or noting the token) for `attach()`."""
+    def _link_or_hold(self, layer: int, tensor: torch.Tensor) -> Link | None:
+        """The link, or None after keeping the layer for `attach()` (one lock: never both)."""
         with self.record.cond:
             link = self.record.link
-            if link is None and layer is not None:
+            if link is None:
                 self._backlog.append((layer, tensor))
         return link
 
@@ -190,9 +190,9 @@ class LinkSender(_Transfer, KVSender):
         self.record.raise_if_terminal()
         if self._token_ids is not None:
             raise BlockSetError(f"tokens of transfer {self.transfer_id} sent twice")
-        with self.record.cond:
+        with self.record.cond:  # with no link yet, attach() sends the token; else we do
             self._token_ids = [int(t) for t in token_ids]
-        link = self._link_or_hold(None, None)
+            link = self.record.link
         if link is not None:
             link.enqueue_token(self)
 

@@ -231,9 +231,12 @@ class EngineWorker:
             task.cancel()
             self._fail(rid, "instance restarting", "dead")
         self._tasks.clear()
+        # Building the new engine blocks this actor's loop for its whole start-up: let the failures
+        # above reach the gateway first, so their requests move on now, not after it.
+        await asyncio.sleep(0.2)
         if old is not None:
             with contextlib.suppress(Exception):  # it is dead already; this reaps what is left
-                old.shutdown()
+                await asyncio.to_thread(old.shutdown)
         try:
             return await self.start()
         except BaseException:
