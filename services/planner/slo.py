@@ -71,16 +71,18 @@ class SloChecker:
         if any(s.relative for s in slos) and reference is None:
             raise SpecError("relative SLOs (like 3x) need a reference machine's performance model")
         self.slos, self.ref = tuple(slos), reference
-        self._alone_cache: dict[int, tuple] = {}
+        # The last request set's solo times; the set itself is kept, so that its identity cannot be
+        # reused by a later array (an id() key could name a freed array's successor: stale lengths).
+        self._alone_for: np.ndarray | None = None
+        self._alone_times: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def _alone(self, res: SimResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        key = id(res.prompt)  # traces are reused across many runs: compute once per request set
-        if key not in self._alone_cache:
+        if self._alone_for is not res.prompt or self._alone_times is None:  # traces are reused across runs
             prefill = np.array([self.ref.prefill_time(int(p)) for p in res.prompt])
             ctx = res.prompt + res.output / 2
             step = np.array([self.ref.decode_step_time(1, float(c)) for c in ctx])
-            self._alone_cache = {key: (prefill, step, prefill + (res.output - 1) * step)}
-        return self._alone_cache[key]
+            self._alone_for, self._alone_times = res.prompt, (prefill, step, prefill + (res.output - 1) * step)
+        return self._alone_times
 
     def check(self, res: SimResult) -> SloReport:
         measured = {"ttft": res.ttft, "tpot": res.tpot, "e2e": res.e2e}
