@@ -29,6 +29,7 @@ from pdserve.shared.config import EngineConfig, KVTransferConfig
 from pdserve.shared.errors import ConfigError
 from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
 from pdserve.shared.roles import InstanceState, Role
+from pdserve.worker.vllm_plugin import LOAD_PROBE
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class EngineWorker:
         return self._state
 
     def _heartbeat(self) -> None:
-        """Keep one health ping in flight to the engine core; no answer for stall_timeout_s means dead.
+        """Keep one load probe in flight to the engine core; no answer for stall_timeout_s means dead.
 
         The engine core answers between steps, so a busy engine answers late but answers.
         """
@@ -348,9 +349,12 @@ class EngineWorker:
         if self._ping is not None and self._ping.done():
             if not self._ping.cancelled() and self._ping.exception() is None:
                 self._answered_at = now
+                # The probe's counts are the scheduler's now; the stat logger's are from its last step.
+                self._stats.num_running, self._stats.num_waiting, self._stats.kv_usage = self._ping.result()
             self._ping = None
         if self._ping is None:
-            self._ping = asyncio.get_running_loop().create_task(self._engine.is_sleeping())
+            probe = self._engine.engine_core.call_utility_async(LOAD_PROBE)
+            self._ping = asyncio.get_running_loop().create_task(probe)
         if now - self._answered_at > self.config.stall_timeout_s:
             logger.error("instance %s: engine core silent for %.0f s; treating it as dead",
                          self.instance_id, now - self._answered_at)

@@ -2,17 +2,24 @@
 
 vLLM loads every `vllm.general_plugins` entry point in each of its processes
 (the front end, the engine core, the workers); ours is registered in
-pyproject.toml and does one thing today:
+pyproject.toml and does two things:
 
-Seeded sampling with a prompt prefilled in several chunks. After a step that
-computed only part of a prompt, vLLM's model runner throws the token it
-sampled away and rewinds the request's generator with `set_offset()` so that
-the seed yields the same tokens however the prompt was chunked. CPU
-generators (a Mersenne twister) have no offset: the rewind raises
-`RuntimeError: CPU Generator does not use offset` and kills the engine core
-for every request. We keep the same promise on CPU by other means: the state
-of each such generator is saved before sampling and restored after it, and
-the rewind never sees those generators.
+1. A load probe on the engine core. vLLM's stat loggers only hear from the
+   scheduler when it steps, and an idle engine does not step: the counts of
+   the last step before an abort (one waiting request, blocks in use) would
+   stand for as long as the engine stays idle and mislead the router and the
+   leak checks. `pdserve_load` (an engine-core utility, called by the
+   worker's heartbeat) answers the scheduler's counts as they are now.
+
+2. Seeded sampling with a prompt prefilled in several chunks. After a step that
+   computed only part of a prompt, vLLM's model runner throws the token it
+   sampled away and rewinds the request's generator with `set_offset()` so that
+   the seed yields the same tokens however the prompt was chunked. CPU
+   generators (a Mersenne twister) have no offset: the rewind raises
+   `RuntimeError: CPU Generator does not use offset` and kills the engine core
+   for every request. We keep the same promise on CPU by other means: the state
+   of each such generator is saved before sampling and restored after it, and
+   the rewind never sees those generators.
 """
 
 from __future__ import annotations
@@ -29,8 +36,26 @@ def register() -> None:
     """Entry point (`vllm.general_plugins`); safe to call more than once per process."""
     from vllm.platforms import current_platform
 
+    add_load_probe()
     if current_platform.is_cpu():
         patch_cpu_model_runner()
+
+
+LOAD_PROBE = "pdserve_load"
+
+
+def _load(self: Any) -> tuple[int, int, float]:
+    """(running, waiting, KV usage) of the scheduler now; runs in the engine core between steps."""
+    scheduler = self.scheduler
+    running, waiting = scheduler.get_request_counts()
+    return running, waiting, float(scheduler.get_kv_cache_usage())
+
+
+def add_load_probe() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    if not hasattr(EngineCore, LOAD_PROBE):
+        setattr(EngineCore, LOAD_PROBE, _load)
 
 
 def _discarded_cpu_generators(runner: Any) -> dict[int, Any]:

@@ -151,17 +151,21 @@ async def test_worker_marks_only_the_last_delta_of_a_request_finished():
 
 
 class _SilentEngine:
-    """An engine core that is alive (not errored) but answers no ping: hung, or frozen."""
+    """An engine core that is alive (not errored) but answers no load probe: hung, or frozen."""
 
     errored = False
 
     def __init__(self, answers: bool) -> None:
         self.answers = answers
+        self.engine_core = self
 
-    async def is_sleeping(self) -> bool:
+    async def call_utility_async(self, method: str, *args):
+        from pdserve.worker.vllm_plugin import LOAD_PROBE
+
+        assert method == LOAD_PROBE
         if not self.answers:
             await asyncio.Event().wait()
-        return False
+        return 0, 0, 0.0
 
 
 @pytest.mark.parametrize("answers", [True, False])
@@ -181,3 +185,30 @@ async def test_an_engine_core_that_stops_answering_is_reported_dead(answers):
     else:
         assert states[0] is InstanceState.READY and states[-1] is InstanceState.DEAD
         assert not (await worker.stats()).healthy
+
+
+class _IdleEngine:
+    """An idle engine core whose last step saw one waiting request that an abort removed since."""
+
+    errored = False
+
+    def __init__(self) -> None:
+        self.engine_core = self
+
+    async def call_utility_async(self, method: str, *args):
+        return 0, 0, 0.0
+
+
+async def test_stats_come_from_the_load_probe_not_the_last_step():
+    """vLLM's stat logger only records on steps: an idle engine's last step would stand forever."""
+    from pdserve.shared.roles import InstanceState
+    from pdserve.worker.engine import EngineWorker
+
+    worker = EngineWorker("decode-0", Role.DECODE, EngineConfig(model="/m"))
+    worker._engine, worker._outbox = _IdleEngine(), asyncio.Queue()
+    worker._state, worker._answered_at = InstanceState.READY, time.monotonic()
+    worker._stats.num_waiting, worker._stats.kv_usage = 1, 0.25  # what the last step reported
+    await worker.stats()  # sends the probe
+    await asyncio.sleep(0.05)
+    stats = await worker.stats()  # reads its answer
+    assert (stats.num_running, stats.num_waiting, stats.kv_usage) == (0, 0, 0.0)
