@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import tempfile
 
 from pdserve.shared.config import ServeConfig
 
@@ -67,7 +66,8 @@ def serve(config: ServeConfig) -> int:
     from pdserve.gateway.app import GatewayState, create_app
     from pdserve.gateway.model import ServedModel
     from pdserve.gateway.server import GatewayServer
-    from pdserve.kv_transfer.connector_meta import FileBoard
+    from pdserve.kv_transfer.ports import node_address, resolve_hosts
+    from pdserve.kv_transfer.reservations import ReservationInbox
     from pdserve.router.controller import Router
     from pdserve.router.registry import make_policy
     from pdserve.shared.metrics import Metrics
@@ -80,19 +80,21 @@ def serve(config: ServeConfig) -> int:
         _init_ray(config)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own handler
         logger.info("starting %d engine instance(s) of %s", config.pools.total, config.engine.model)
-        board_dir = None
+        inbox = None
         if config.pools.prefill:
-            board_dir = config.kv_transfer.board_dir or stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="pdserve-board-"))
+            kv = resolve_hosts(config.kv_transfer, node_address())
+            inbox = ReservationInbox(kv.bind_host or "127.0.0.1", kv.advertise_host, kv.port_range)
+            inbox.start()
+            stack.callback(inbox.close)
         pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace,
-                            kv=config.kv_transfer, board_dir=board_dir, cores=_cores_to_bind(config))
+                            kv=config.kv_transfer, cores=_cores_to_bind(config))
         info = pools.clients[0].info
         model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,
                                  info.max_model_len, info.max_logprobs)
         metrics = Metrics(model.name)
         router = Router(pools.clients, make_policy(config.gateway.routing_policy), on_stats=metrics.observe_instance,
                         on_restart=metrics.observe_restart,
-                        board=FileBoard(board_dir) if board_dir else None,
+                        inbox=inbox,
                         reservation_timeout_s=config.kv_transfer.reservation_timeout_s,
                         transfer_timeout_s=config.kv_transfer.transfer_timeout_s)
         api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None

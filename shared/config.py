@@ -115,7 +115,11 @@ class GatewayConfig(_Strict):
 
 
 class KVTransferConfig(_Strict):
-    """How prefill instances hand KV caches to decode instances (disaggregated pools only)."""
+    """How prefill instances hand KV caches to decode instances (disaggregated pools only).
+
+    The one source of every KV-transfer knob: the launcher hands it whole to
+    each engine's connector (hosts resolved on the instance's own node).
+    """
 
     transport: Literal["tcp", "gloo", "nccl"] = Field(
         "tcp", description="KV transport between instances: tcp or gloo on CPU, nccl on GPUs.")
@@ -126,9 +130,38 @@ class KVTransferConfig(_Strict):
         300.0, gt=0, description="Longest wait for a decode instance to reserve KV room for a request (it may "
                                  "queue for room), and for a prefill to start sending into reserved blocks. "
                                  "A backstop: a failure on either side ends the wait at once.")
-    board_dir: str | None = Field(
-        None, description="Directory where decode instances post their block reservations "
-                          "(one host); default: a fresh temporary directory.")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="Limit on dialing a peer (a transport link, the router's reservation inbox) "
+                                "and completing its handshake.")
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="A send that makes no progress this long (a frozen or vanished peer) breaks the "
+                                "link: its transfers fail and their blocks are freed.")
+    bind_host: str | None = Field(
+        None, description="Interface the KV transports and the router's reservation inbox listen on; "
+                          "default: the node's Ray address ('0.0.0.0' for every interface).")
+    advertise_host: str | None = Field(
+        None, description="Address peers dial; default: bind_host, or the node's Ray address when binding "
+                          "every interface (behind NAT, set the address other nodes route to).")
+    port_range: tuple[int, int] | None = Field(
+        None, description="Inclusive [low, high] of ports to listen on (firewalled clusters), e.g. "
+                          "[20000, 20999] or '20000-20999'; default: any free port.")
+
+    @field_validator("port_range", mode="before")
+    @classmethod
+    def _parse_range(cls, value: object) -> object:
+        if isinstance(value, str):
+            low, sep, high = value.partition("-")
+            if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+                raise ValueError(f"port_range {value!r} is not 'LOW-HIGH'")
+            return int(low), int(high)
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _check_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1] <= 65535:
+            raise ValueError(f"port_range {list(value)} must satisfy 1 <= low <= high <= 65535")
+        return value
 
 
 class RayConfig(_Strict):

@@ -1,12 +1,23 @@
 """Configuration of a KV transport.
 
-Lifecycle: built once per instance (from pdserve's config tree later) and
-passed to the transport's constructor; immutable afterwards.
+Lifecycle: built once per instance from pdserve's `KVTransferConfig`
+(`connector.transport_config`) and passed to the transport's constructor;
+immutable afterwards. Defaults are the config tree's, so a transport built
+bare (tests, tools) behaves like a served one.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from pdserve.shared.config import KVTransferConfig
+
+_KV = KVTransferConfig.model_fields
+
+
+def _same_as_config(name: str, **rules: float) -> object:
+    """A field whose default and description are the config tree's (one source)."""
+    return Field(_KV[name].default, description=_KV[name].description, **rules)  # type: ignore[arg-type]
 
 
 class TransportConfig(BaseModel):
@@ -17,12 +28,10 @@ class TransportConfig(BaseModel):
     bind_host: str = Field("127.0.0.1", description="Interface the transport listens on; '0.0.0.0' for every interface.")
     advertise_host: str | None = Field(
         None, description="Host peers dial; default: bind_host (set it when binding 0.0.0.0).")
-    connect_timeout_s: float = Field(10.0, gt=0, description="Limit on dialing a peer and completing the handshake.")
-    transfer_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline of a transfer when its opener gives none; on expiry both sides end TIMED_OUT.")
-    send_timeout_s: float = Field(
-        10.0, gt=0, description="A send that makes no progress this long (a frozen or vanished peer) breaks the "
-                                "link: its transfers fail and their blocks are freed.")
+    connect_timeout_s: float = _same_as_config("connect_timeout_s", gt=0)  # type: ignore[assignment]
+    transfer_timeout_s: float = _same_as_config("transfer_timeout_s", gt=0)  # type: ignore[assignment]
+    send_timeout_s: float = _same_as_config("send_timeout_s", gt=0)  # type: ignore[assignment]
+    port_range: tuple[int, int] | None = _same_as_config("port_range")  # type: ignore[assignment]
     socket_buffer_bytes: int | None = Field(
         None, gt=0, description="SO_SNDBUF/SO_RCVBUF for data sockets; default: the kernel's autotuning.")
     finished_memory: int = Field(

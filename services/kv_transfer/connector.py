@@ -7,10 +7,8 @@ Plugged in with
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",  # a failed handoff recomputes on D
         "kv_connector_extra_config": {
-            "board": "/run/pdserve/reservations",  # where D posts reservations (see connector_meta)
-            "transport": "tcp",                     # tcp | gloo | nccl | loopback
-            "transfer_timeout_s": 30,
-            "instance_id": "decode-0",              # default: the engine id
+            "pdserve": KVTransferConfig(...).model_dump(mode="json"),  # the whole typed config, hosts resolved
+            "instance_id": "decode-0",                                  # default: the engine id
         },
     }
 
@@ -19,8 +17,9 @@ Lifecycle of a request through P and D (the controller's part in brackets):
 1. [controller -> D] the request, kv_transfer_params = DecodeParams(transfer_id).
 2. D scheduler side: prompt tokens but the last are external, loaded
    asynchronously; vLLM reserves blocks and parks the request; a
-   `Reservation` (D's endpoint, D's block ids) is posted on the board. D
-   worker side: opens a receiver for those blocks.
+   `Reservation` (D's endpoints by TP rank, D's block ids) goes to the
+   router's inbox over TCP (`reservations`). D worker side: opens a receiver
+   for those blocks.
 3. [controller takes the reservation -> P] the request with
    `reservation.prefill_params()`, max_tokens=1 (P's token is the first token
    the client sees).
@@ -54,11 +53,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorTransferResults)
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from pydantic import ValidationError
+
 from pdserve.kv_transfer.config import TransportConfig
-from pdserve.kv_transfer.connector_meta import EndpointHandshake, PDConnectorMetadata, board_from_config
+from pdserve.kv_transfer.connector_meta import EndpointHandshake, PDConnectorMetadata
 from pdserve.kv_transfer.connector_scheduler import PDSchedulerSide
 from pdserve.kv_transfer.connector_worker import PDWorkerSide
 from pdserve.kv_transfer.errors import TransferError
+from pdserve.kv_transfer.reservations import ReservationPoster
+from pdserve.shared.config import KVTransferConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -96,15 +99,24 @@ class PDTransferStats(KVConnectorStats):
         return not any(self.data.values())
 
 
-def _settings(vllm_config: VllmConfig) -> tuple[dict[str, Any], float]:
+EXTRA_KEY = "pdserve"  # kv_connector_extra_config key holding the KVTransferConfig
+
+
+def connector_settings(vllm_config: VllmConfig) -> tuple[KVTransferConfig, str]:
+    """pdserve's KV transfer config (the one typed source of every knob) and this instance's id."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
     try:
-        timeout = float(extra.get("transfer_timeout_s", 30.0))
-    except (TypeError, ValueError) as exc:
-        raise ConnectorConfigError(f"transfer_timeout_s is not a number: {extra.get('transfer_timeout_s')!r}") from exc
-    if timeout <= 0:
-        raise ConnectorConfigError(f"transfer_timeout_s must be positive, got {timeout}")
-    return extra, timeout
+        config = KVTransferConfig.model_validate(extra.get(EXTRA_KEY) or {})
+    except ValidationError as exc:
+        raise ConnectorConfigError(f"kv_connector_extra_config[{EXTRA_KEY!r}] is invalid: {exc}") from exc
+    return config, str(extra.get("instance_id") or vllm_config.kv_transfer_config.engine_id)
+
+
+def transport_config(kv: KVTransferConfig) -> TransportConfig:
+    """The transport's knobs, all taken from the KV transfer config (hosts resolved by the worker)."""
+    return TransportConfig(transfer_timeout_s=kv.transfer_timeout_s, bind_host=kv.bind_host or "127.0.0.1",
+                           advertise_host=kv.advertise_host, port_range=kv.port_range,
+                           connect_timeout_s=kv.connect_timeout_s, send_timeout_s=kv.send_timeout_s)
 
 
 def _tp_rank() -> int:
@@ -115,28 +127,36 @@ def _tp_rank() -> int:
         return 0
 
 
+def endpoints_by_rank(metadata: dict[int, KVConnectorHandshakeMetadata], tp_size: int) -> list[dict[str, Any]] | None:
+    """Every rank's transport endpoint in rank order; None (D cannot receive KV) if a rank is missing."""
+    found = {rank: m.endpoint for rank, m in metadata.items() if isinstance(m, EndpointHandshake)}
+    if sorted(found) != list(range(tp_size)):
+        log.error("KV endpoints known for ranks %s of %d: this instance will not receive KV", sorted(found), tp_size)
+        return None
+    return [found[rank] for rank in range(tp_size)]
+
+
 class PDConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        extra, timeout = _settings(vllm_config)
+        kv, instance = connector_settings(vllm_config)
         block_size = vllm_config.cache_config.block_size
         self._scheduler: PDSchedulerSide | None = None
         self._worker: PDWorkerSide | None = None
+        self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = PDSchedulerSide(block_size, board_from_config(extra.get("board")), timeout)
+            poster = ReservationPoster(kv.connect_timeout_s, kv.connect_timeout_s)
+            self._scheduler = PDSchedulerSide(block_size, poster, kv.transfer_timeout_s)
             return
         parallel = vllm_config.parallel_config
-        instance = str(extra.get("instance_id") or vllm_config.kv_transfer_config.engine_id)
         tp_rank = _tp_rank()
         if parallel.tensor_parallel_size > 1:
             instance = f"{instance}-tp{tp_rank}"  # one transport per rank: rank r of P pairs with rank r of D
         self._worker = PDWorkerSide(
             instance_id=instance, model=str(vllm_config.model_config.model), block_size=block_size,
             head_dim=vllm_config.model_config.get_head_size(), tp_size=parallel.tensor_parallel_size,
-            tp_rank=tp_rank, transport_kind=str(extra.get("transport", "tcp")),
-            config=TransportConfig(transfer_timeout_s=timeout, bind_host=str(extra.get("bind_host", "127.0.0.1")),
-                                   advertise_host=extra.get("advertise_host")))
+            tp_rank=tp_rank, transport_kind=kv.transport, config=transport_config(kv))
 
     # ==== worker side ===================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -189,13 +209,13 @@ class PDConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None and self._scheduler.poster is not None:
+            self._scheduler.poster.close()
 
     # ==== scheduler side ================================================================
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         assert self._scheduler is not None
-        ours = metadata.get(0)
-        if isinstance(ours, EndpointHandshake):
-            self._scheduler.endpoint = ours.endpoint  # tp rank 0 speaks for the instance in reservations
+        self._scheduler.endpoints = endpoints_by_rank(metadata, self._tp_size)
 
     def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)

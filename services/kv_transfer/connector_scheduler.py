@@ -6,7 +6,8 @@ D (params `DecodeParams`):
   get_num_new_matched_tokens -> all prompt tokens but the last (and any local
   prefix hit) are "external, loaded asynchronously"; vLLM parks the request in
   WAITING_FOR_REMOTE_KVS -> update_state_after_alloc: the reserved blocks
-  become a `LoadSpec` and a `Reservation` posted on the board -> the worker
+  become a `LoadSpec` and a `Reservation` posted to the router's inbox
+  (`DecodeParams.reply_to`, see `reservations`) -> the worker
   side reports the receive finished (or failed: vLLM then recomputes) ->
   decode runs -> request_finished: nothing held, vLLM frees the blocks.
   Aborted while waiting: the receive is aborted (both sides end) and
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pdserve.kv_transfer.blocks import blocks_for_tokens
-from pdserve.kv_transfer.connector_meta import (DecodeParams, ParamsError, PDConnectorMetadata, PrefillParams,
-                                                Reservation, ReservationBoard, LoadSpec, SendSpec, TokenSpec)
+from pdserve.kv_transfer.connector_meta import LoadSpec, PDConnectorMetadata, SendSpec, TokenSpec
+from pdserve.kv_transfer.params import DecodeParams, ParamsError, PrefillParams, Reservation
+from pdserve.kv_transfer.reservations import ReservationPoster
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -57,11 +59,12 @@ class _Send:
 
 
 class PDSchedulerSide:
-    def __init__(self, block_size: int, board: ReservationBoard | None, transfer_timeout_s: float) -> None:
+    def __init__(self, block_size: int, poster: ReservationPoster | None, transfer_timeout_s: float) -> None:
         self.block_size = block_size
-        self.board = board
+        self.poster = poster  # None: this instance cannot receive KV (it computes every prompt itself)
         self.transfer_timeout_s = transfer_timeout_s
-        self.endpoint: dict[str, Any] | None = None  # D's transport, from the workers' handshake metadata
+        # D's transports by TP rank, from the workers' handshake metadata; None until all ranks told.
+        self.endpoints: list[dict[str, Any]] | None = None
         self.kv_cache_manager: KVCacheManager | None = None
         self._receives: dict[str, _Receive] = {}
         self._answered: set[str] = set()  # had blocks for a load once: a re-ask after a failed load means "recompute"
@@ -91,13 +94,13 @@ class PDSchedulerSide:
             # vLLM finally allocates (update_state_after_alloc).
             self._receives[rid].local_tokens = num_computed_tokens
             return max(external, 0), external > 0
-        if external <= 0 or self.endpoint is None or self.board is None:
+        if external <= 0 or self.endpoints is None or self.poster is None or recv.reply_to is None:
             if external > 0:
-                log.warning("request %s: no endpoint or reservation board; D computes the prompt", rid)
+                log.warning("request %s: no KV endpoint or no router to reply to; D computes the prompt", rid)
             self._answered.add(rid)
-            if self.board is not None:
-                # An empty reservation: the controller must not wait for blocks that never come.
-                self.board.post(Reservation(recv.transfer_id, self.endpoint or {}, [], 0))
+            if self.poster is not None and recv.reply_to is not None:
+                # An empty reservation: the router must not wait for blocks that never come.
+                self.poster.post(recv.reply_to, Reservation(recv.transfer_id))
             return 0, False
         self._receives[rid] = _Receive(recv, num_computed_tokens)
         return external, True
@@ -115,9 +118,11 @@ class PDSchedulerSide:
         reserved = [int(b) for b in table[first:last]]
         timeout = receive.params.timeout_s or self.transfer_timeout_s
         self._meta.loads.append(LoadSpec(rid, receive.params.transfer_id, reserved, timeout))
-        assert self.board is not None and self.endpoint is not None  # checked on admission
-        self.board.post(Reservation(receive.params.transfer_id, self.endpoint, reserved,
-                                    receive.local_tokens + num_external_tokens, first))
+        # All three were checked on admission.
+        assert self.poster is not None and self.endpoints is not None and receive.params.reply_to is not None
+        self.poster.post(receive.params.reply_to, Reservation(
+            receive.params.transfer_id, list(self.endpoints), reserved, receive.local_tokens + num_external_tokens,
+            first))
 
     # -- per step -----------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
@@ -146,7 +151,7 @@ class PDSchedulerSide:
             log.error("request %s: %d local blocks for %d reserved at D; not sending", rid, len(local),
                       len(p.decode_block_ids))
             return
-        self._meta.sends.append(SendSpec(rid, p.transfer_id, p.decode_endpoint, local, p.decode_block_ids,
+        self._meta.sends.append(SendSpec(rid, p.transfer_id, list(p.decode_endpoints), local, p.decode_block_ids,
                                          self.transfer_timeout_s))
         self._sending.add(rid)
 

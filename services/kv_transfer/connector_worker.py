@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ from pdserve.kv_transfer.base import KVReceiver, KVSender, KVTransport, Transfer
 from pdserve.kv_transfer.blocks import PagedKV, gather, scatter, wrap_layer
 from pdserve.kv_transfer.config import TransportConfig
 from pdserve.kv_transfer.connector_meta import EndpointHandshake, LoadSpec, PDConnectorMetadata, SendSpec
-from pdserve.kv_transfer.errors import BlockSetError, TransferError
+from pdserve.kv_transfer.errors import BlockSetError, HandshakeError, TransferError
 from pdserve.kv_transfer.factory import make_transport
 from pdserve.kv_transfer.first_token import FIRST_TOKENS
 from pdserve.kv_transfer.layout import EndpointInfo, KVLayout, dtype_name
@@ -79,6 +80,14 @@ class _Send:
         if None in (self.first_layer_at, self.compute_done_at, self.done_at):
             return None
         return self.done_at - self.first_layer_at, max(0.0, self.done_at - self.compute_done_at)
+
+
+def peer_for_rank(endpoints: list[dict[str, Any]], tp_rank: int) -> dict[str, Any]:
+    """D's endpoint for this rank: rank r of P sends its share of the heads to rank r of D."""
+    if not 0 <= tp_rank < len(endpoints):
+        raise HandshakeError(f"decode offers {len(endpoints)} tensor-parallel endpoint(s); prefill rank "
+                             f"{tp_rank} has no peer (prefill and decode TP sizes must match)")
+    return endpoints[tp_rank]
 
 
 class PDWorkerSide:
@@ -181,7 +190,7 @@ class PDWorkerSide:
     def _open_send(self, spec: SendSpec) -> _Send:
         assert self.transport is not None
         try:
-            peer = EndpointInfo.from_dict(spec.peer_endpoint)
+            peer = EndpointInfo.from_dict(peer_for_rank(spec.peer_endpoints, self.tp_rank))
             self.registry.register(peer)  # the reservation told us where D listens
             sender = self.transport.open_sender(peer.instance_id, spec.transfer_id, spec.remote_block_ids,
                                                 spec.timeout_s)

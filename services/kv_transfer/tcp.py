@@ -20,6 +20,7 @@ import torch
 from pdserve.kv_transfer.channel import Channel, as_bytes
 from pdserve.kv_transfer.errors import HandshakeError, PeerLostError, ProtocolError
 from pdserve.kv_transfer.frames import PREFIX, Frame, decode_header, decode_prefix
+from pdserve.kv_transfer.ports import listen
 from pdserve.kv_transfer.transport import LinkTransport
 
 # recv_into asks for at most this much per call: big enough to amortise the
@@ -115,7 +116,7 @@ class TcpTransport(LinkTransport):
     _accepting = False
 
     def _listen(self) -> str:
-        self._server = socket.create_server((self.config.bind_host, 0))
+        self._server = listen(self.config.bind_host, self.config.port_range)
         # accept() with a timeout so close() is noticed without relying on the
         # platform waking a blocked accept when the socket closes.
         self._server.settimeout(0.5)

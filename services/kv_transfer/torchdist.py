@@ -26,6 +26,7 @@ from pdserve.kv_transfer.channel import Channel, as_bytes
 from pdserve.kv_transfer.errors import HandshakeError, ProtocolError
 from pdserve.kv_transfer.frames import Frame
 from pdserve.kv_transfer.layout import EndpointInfo
+from pdserve.kv_transfer.ports import NoFreePortError, candidate_ports
 from pdserve.kv_transfer.tcp import TcpTransport, split_address
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
@@ -89,9 +90,17 @@ class TorchDistTransport(TcpTransport):
 
     def _listen(self) -> str:
         address = super()._listen()
-        self._store = dist.TCPStore(self.config.bind_host, 0, None, True, self._store_timeout(),
-                                    wait_for_workers=False)
-        return address
+        last: Exception | None = None
+        for port in candidate_ports(self.config.port_range):
+            if port and port == split_address(address)[1]:
+                continue  # the control socket has it
+            try:
+                self._store = dist.TCPStore(self.config.bind_host, port, None, True, self._store_timeout(),
+                                            wait_for_workers=False)
+                return address
+            except (RuntimeError, OSError) as exc:  # the port is taken: the next one
+                last = exc
+        raise NoFreePortError(f"no free port for the rendezvous store in {self.config.port_range}: {last}")
 
     def _store_timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.config.connect_timeout_s)

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable
 
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Rejection, RequestInfo
-from pdserve.kv_transfer.connector_meta import ReservationBoard
+from pdserve.kv_transfer.reservations import ReservationSource
 from pdserve.router.handoff import Handoff
 from pdserve.shared.errors import CapacityError, ConfigError, ContextLengthExceededError
 from pdserve.shared.protocol import EngineRequest, EngineStats, OutputDelta
@@ -52,14 +52,14 @@ class Router:
 
     def __init__(self, clients: list[EngineClient], policy: PlacementPolicy,
                  on_stats: Callable[[EngineStats], None] | None = None,
-                 board: ReservationBoard | None = None, reservation_timeout_s: float = 300.0,
+                 inbox: ReservationSource | None = None, reservation_timeout_s: float = 300.0,
                  transfer_timeout_s: float = 30.0,
                  on_restart: Callable[[EngineStats], None] | None = None, restart_backoff_s: float = 1.0) -> None:
         if not clients:
             raise ValueError("the router needs at least one instance")
         self.clients = {c.instance_id: c for c in clients}
         self.policy = policy
-        self.board = board  # where decode instances post reservations (disaggregated pools)
+        self.inbox = inbox  # where decode instances post reservations (disaggregated pools)
         self.reservation_timeout_s = reservation_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self.handoff_counters: dict[str, int] = {}
@@ -116,9 +116,9 @@ class Router:
         """The request's deltas from its route: one engine, or P then D with a KV handoff."""
         if route.colocated:
             return route.decode.generate(request)
-        if self.board is None:
-            raise ConfigError("disaggregated routes need a reservation board")
-        return Handoff(route.prefill, route.decode, self.board, self.reservation_timeout_s, self.transfer_timeout_s,
+        if self.inbox is None:
+            raise ConfigError("disaggregated routes need a reservation inbox")
+        return Handoff(route.prefill, route.decode, self.inbox, self.reservation_timeout_s, self.transfer_timeout_s,
                        self.handoff_counters).stream(request)
 
     @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Lifecycle (the controller's half of `pdserve.kv_transfer.connector`):
   1. D gets the request first, marked "KV comes from elsewhere": it reserves
      blocks when it has room (a request waiting for room is waited for, not
-     recomputed) and posts a reservation (its endpoint, its block ids).
+     recomputed) and posts a reservation (its endpoints, its block ids) to
+     the router's inbox, whose address the request carries.
   2. P gets the request with the reservation and max_tokens=1. P's token is
      the client's first token (TTFT never waits for the handoff); P pushes the
      prompt's KV layer by layer into D's blocks, then the token itself.
@@ -33,8 +34,9 @@ import logging
 import time
 from typing import Any, AsyncIterator
 
-from pdserve.kv_transfer.connector_meta import PARAMS_KEY, DecodeParams, Reservation, ReservationBoard
 from pdserve.kv_transfer.errors import TransferTimeout
+from pdserve.kv_transfer.params import PARAMS_KEY, DecodeParams, Reservation
+from pdserve.kv_transfer.reservations import ReservationSource
 from pdserve.shared.errors import EngineError, InvalidRequestError
 from pdserve.shared.protocol import FIRST_TOKEN_KEY, EngineRequest, OutputDelta
 from pdserve.shared.streams import END, drain
@@ -42,7 +44,9 @@ from pdserve.worker.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
-_POLL_FIRST_S, _POLL_MAX_S = 0.002, 0.05  # reservation polling backs off between these
+# The inbox wakes a waiting handoff when its reservation lands; between wake-ups the handoff checks
+# whether D ended, first often, then every _POLL_MAX_S.
+_POLL_FIRST_S, _POLL_MAX_S = 0.002, 0.05
 
 
 def _with_params(params: Any, **changes: Any) -> Any:
@@ -68,7 +72,7 @@ class _Fallback(Exception):
 class Handoff:
     prefill: EngineClient
     decode: EngineClient
-    board: ReservationBoard
+    inbox: ReservationSource
     timeout_s: float  # longest wait for D's reservation (D may be queued for KV room)
     transfer_timeout_s: float  # after P's token, longest wait for D's first step (the KV's progress deadline)
     counters: dict[str, int]  # handoffs, fallbacks_*, prefill_failures, first_token_restarts, ...
@@ -134,7 +138,7 @@ class _Run:
 
     async def deltas(self) -> AsyncIterator[OutputDelta]:
         params = self.request.sampling_params
-        kv = DecodeParams(self.tid, timeout_s=self.h.timeout_s).to_dict()
+        kv = DecodeParams(self.tid, reply_to=self.h.inbox.address, timeout_s=self.h.timeout_s).to_dict()
         self._start(self.decode_tag, self.h.decode, dataclasses.replace(
             self.request, request_id=f"{self.tid}-d",
             sampling_params=_with_params(params, prompt_logprobs=None, extra_args=_extra(params, **{PARAMS_KEY: kv}))))
@@ -160,9 +164,9 @@ class _Run:
         decode = self.tasks[self.decode_tag]
         while True:
             ended = decode.done()  # read before polling: a reservation posted just before the end counts
-            found = self.h.board.poll(self.tid)
+            found = self.h.inbox.poll(self.tid)
             if not self.queue.empty() and not ended:
-                return Reservation(self.tid, {}, [], 0)  # D is running it without a transfer: let it
+                return Reservation(self.tid)  # D is running it without a transfer: let it
             if ended and (found is None or self._failed(self.queue)):
                 _, item = self.queue.get_nowait()
                 if isinstance(item, InvalidRequestError):
@@ -177,7 +181,7 @@ class _Run:
                 await self._stop(self.decode_tag)
                 self.h._count("fallbacks_colocated")
                 raise _Fallback(self.h.prefill, str(TransferTimeout(f"no reservation within {self.h.timeout_s}s")))
-            await asyncio.sleep(pause)
+            await self.h.inbox.wait(self.tid, pause)
             pause = min(pause * 2, _POLL_MAX_S)
 
     @staticmethod

@@ -51,16 +51,17 @@ def _error_kind(exc: BaseException) -> str | None:
     return None
 
 
-def connector_config(instance_id: str, kv: KVTransferConfig, board_dir: str) -> dict[str, Any]:
-    """vLLM `kv_transfer_config` plugging pdserve's P/D connector into an engine."""
+def connector_config(instance_id: str, kv: KVTransferConfig) -> dict[str, Any]:
+    """vLLM `kv_transfer_config` plugging pdserve's P/D connector into an engine; `kv` handed over whole."""
+    from pdserve.kv_transfer.connector import EXTRA_KEY
+
     return {
         "kv_connector": "PDConnector",
         "kv_connector_module_path": "pdserve.kv_transfer.connector",
         "kv_role": "kv_both",
         "engine_id": instance_id,
         "kv_load_failure_policy": "recompute",  # a failed handoff recomputes on decode
-        "kv_connector_extra_config": {"board": board_dir, "transport": kv.transport,
-                                      "transfer_timeout_s": kv.transfer_timeout_s},
+        "kv_connector_extra_config": {EXTRA_KEY: kv.model_dump(mode="json"), "instance_id": instance_id},
     }
 
 
@@ -179,11 +180,11 @@ class EngineWorker:
     """Hosts one vLLM engine. Wrapped with `ray.remote` by the pool that starts it."""
 
     def __init__(self, instance_id: str, role: Role, config: EngineConfig,
-                 kv_transfer_config: dict[str, Any] | None = None) -> None:
+                 kv: KVTransferConfig | None = None) -> None:
         self.instance_id = instance_id
         self.role = role
         self.config = config
-        self.kv_transfer_config = kv_transfer_config
+        self.kv = kv  # None: plain vLLM (a mixed instance); else pdserve's P/D connector
         self._engine: Any = None
         self._info: EngineInfo | None = None
         self._stats = _SchedulerStatsHolder()
@@ -206,7 +207,13 @@ class EngineWorker:
         totals = self._stats.kv_transfer
         self._stats = _SchedulerStatsHolder()
         self._stats.kv_transfer = totals
-        args = build_engine_args(self.config, self.kv_transfer_config)
+        connector = None
+        if self.kv is not None:
+            from pdserve.kv_transfer.ports import node_address, resolve_hosts
+
+            # Resolved here, in the actor: the node this instance landed on is the one to advertise.
+            connector = connector_config(self.instance_id, resolve_hosts(self.kv, node_address()))
+        args = build_engine_args(self.config, connector)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
         vllm_config = self._engine.vllm_config
         self._info = EngineInfo(

@@ -18,7 +18,7 @@ from pdserve.shared.config import EngineConfig, KVTransferConfig, PoolsConfig
 from pdserve.shared.errors import EngineError
 from pdserve.shared.roles import Role
 from pdserve.worker.client import RayEngineClient
-from pdserve.worker.engine import EngineWorker, connector_config
+from pdserve.worker.engine import EngineWorker
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,11 @@ def _instances(pools: PoolsConfig) -> list[tuple[str, Role]]:
 
 
 def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str = "pdserve",
-                kv: KVTransferConfig | None = None, board_dir: str | None = None,
-                cores: list[int] | None = None) -> Pools:
+                kv: KVTransferConfig | None = None, cores: list[int] | None = None) -> Pools:
     """Create and start every instance; raises `EngineError` if any fails to start.
 
-    Prefill and decode instances get pdserve's KV connector (`kv` and the
-    reservation `board_dir` are then required); mixed instances run plain vLLM.
+    Prefill and decode instances get pdserve's KV connector (`kv` is then
+    required); mixed instances run plain vLLM.
     With `cores` (CPU engines on this machine), each instance binds its compute
     threads to its own slice of them (`core_bindings`).
     """
@@ -75,11 +74,8 @@ def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str 
                         core_bindings(len(instances), int(pools.cpus_per_instance), cores))) if cores else {}
 
     def make_actor(instance_id: str, role: Role) -> Any:
-        connector = None
-        if role is not Role.MIXED:
-            if kv is None or board_dir is None:
-                raise EngineError("prefill/decode instances need a KV transfer config and a board directory")
-            connector = connector_config(instance_id, kv, board_dir)
+        if role is not Role.MIXED and kv is None:
+            raise EngineError("prefill/decode instances need a KV transfer config")
         return actor_cls.options(
             # A respawned actor gets a new name: the dead one's may not be released yet.
             name=f"{namespace_prefix}-{instance_id}-{next(generation)}",
@@ -89,7 +85,7 @@ def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str 
             # The engine core inherits the actor's environment: vLLM-CPU binds its threads as told.
             runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": bindings[instance_id]}}
             if instance_id in bindings else None,
-        ).remote(instance_id, role, engine, connector)
+        ).remote(instance_id, role, engine, kv if role is not Role.MIXED else None)
 
     actors = [make_actor(instance_id, role) for instance_id, role in instances]
     try:

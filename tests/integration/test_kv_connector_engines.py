@@ -3,7 +3,7 @@
 Two `AsyncLLM` engines (each with its own engine-core process, as in a
 worker) run the demo model with `PDConnector` over the TCP transport; this
 test plays the controller: it sends a request to D, takes D's reservation
-from the board, and sends the request to P with max_tokens=1.
+from its reservation inbox, and sends the request to P with max_tokens=1.
 
 The colocated reference is P itself serving the same prompts without
 kv_transfer_params: a request with no params never touches the connector, so
@@ -26,7 +26,10 @@ pytestmark = pytest.mark.integration
 
 vllm = pytest.importorskip("vllm")
 
-from pdserve.kv_transfer.connector_meta import DecodeParams, FileBoard  # noqa: E402
+from pdserve.kv_transfer.connector import EXTRA_KEY  # noqa: E402
+from pdserve.kv_transfer.params import DecodeParams, Reservation  # noqa: E402
+from pdserve.kv_transfer.reservations import ReservationInbox  # noqa: E402
+from pdserve.shared.config import KVTransferConfig  # noqa: E402
 
 MODEL = str(Path(__file__).resolve().parents[2] / "services" / "demo_model")
 PROMPT_LENGTHS = [1, 2, 17, 200, 777, 1500]
@@ -67,8 +70,9 @@ class StatsSink:
 class Engines:
     """P, D and the event loop they live on (a thread, so sync tests can drive them)."""
 
-    def __init__(self, board_dir: Path) -> None:
-        self.board = FileBoard(board_dir)
+    def __init__(self) -> None:
+        self.inbox = ReservationInbox("127.0.0.1")
+        self.inbox.start()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="engines-loop")
         self.thread.start()
@@ -78,7 +82,7 @@ class Engines:
     def run(self, coro: Coroutine, timeout: float = 600) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    async def start(self, board_dir: Path) -> None:
+    async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -89,8 +93,8 @@ class Engines:
                 kv_transfer_config={
                     "kv_connector": "PDConnector", "kv_connector_module_path": "pdserve.kv_transfer.connector",
                     "kv_role": "kv_both", "engine_id": f"{role}-0", "kv_load_failure_policy": "recompute",
-                    "kv_connector_extra_config": {"board": str(board_dir), "transport": "tcp",
-                                                  "transfer_timeout_s": 60},
+                    "kv_connector_extra_config": {EXTRA_KEY: KVTransferConfig(
+                        transfer_timeout_s=60, bind_host="127.0.0.1").model_dump(mode="json")},
                 })
             self.engines[role] = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats[role].factory()])
 
@@ -109,12 +113,21 @@ class Engines:
     async def handoff(self, prompt: list[int], tid: str, max_tokens: int = MAX_TOKENS) -> tuple[Any, Any]:
         """The controller's part: D first, then P with D's reservation."""
         decode = asyncio.create_task(self.generate("decode", prompt, max_tokens, f"d-{tid}",
-                                                   DecodeParams(tid).to_dict()))
-        reservation = await asyncio.to_thread(self.board.take, tid, 120.0)
+                                                   DecodeParams(tid, self.inbox.address).to_dict()))
+        reservation = await self.take(tid, 120.0)
         prefill = await self.generate("prefill", prompt, 1, f"p-{tid}", reservation.prefill_params())
         return prefill, await decode
 
+    async def take(self, tid: str, timeout_s: float) -> Reservation:
+        deadline = time.monotonic() + timeout_s
+        while (found := self.inbox.poll(tid)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no reservation for {tid} within {timeout_s}s")
+            await self.inbox.wait(tid, 1.0)
+        return found
+
     def shutdown(self) -> None:
+        self.inbox.close()
         for engine in self.engines.values():
             engine.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -128,11 +141,10 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory) -> Iterator[Engines]:
-    board_dir = tmp_path_factory.mktemp("board")
-    eng = Engines(board_dir)
+    eng = Engines()
     started = time.monotonic()
     try:
-        eng.run(eng.start(board_dir))
+        eng.run(eng.start())
         print(f"\nengines started in {time.monotonic() - started:.1f}s")
         yield eng
     finally:
@@ -176,9 +188,9 @@ def test_failed_handoff_recomputes_on_decode(engines: Engines, reference: dict[i
 
     async def orphan():
         expected = await engines.generate("prefill", prompt, MAX_TOKENS, "ref-orphan")
-        params = DecodeParams("orphan", timeout_s=2.0).to_dict()
+        params = DecodeParams("orphan", engines.inbox.address, timeout_s=2.0).to_dict()
         task = asyncio.create_task(engines.generate("decode", prompt, MAX_TOKENS, "d-orphan", params))
-        reservation = await asyncio.to_thread(engines.board.take, "orphan", 60.0)
+        reservation = await engines.take("orphan", 60.0)
         assert reservation.decode_block_ids  # D did reserve blocks and waited for them
         return expected, await task
 
@@ -195,9 +207,9 @@ def test_decode_abort_while_waiting_frees_both_sides(engines: Engines, reference
     send_failed = engines.stats["prefill"].totals.get("send_failed", 0)
 
     async def aborted():
-        params = DecodeParams("aborted").to_dict()
+        params = DecodeParams("aborted", engines.inbox.address).to_dict()
         task = asyncio.create_task(engines.generate("decode", _prompt(n, n + 1), MAX_TOKENS, "d-aborted", params))
-        reservation = await asyncio.to_thread(engines.board.take, "aborted", 60.0)
+        reservation = await engines.take("aborted", 60.0)
         await engines.engines["decode"].abort("d-aborted")
         task.cancel()
         prefill = await engines.generate("prefill", _prompt(n, n + 1), 1, "p-aborted", reservation.prefill_params())

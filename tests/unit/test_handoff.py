@@ -1,13 +1,14 @@
-"""The P->D handoff's stream logic against fake engines and a fake reservation board."""
+"""The P->D handoff's stream logic against fake engines and a fake reservation inbox."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
 import pytest
 
-from pdserve.kv_transfer.connector_meta import Reservation
+from pdserve.kv_transfer.params import DecodeParams, Reservation
 from pdserve.router.handoff import Handoff
 from pdserve.shared.errors import EngineError
 from pdserve.shared.protocol import FIRST_TOKEN_KEY, EngineRequest
@@ -16,24 +17,23 @@ from pdserve.worker.fake_engine import FakeEngineClient, FaultPlan
 
 
 class Board:
-    """A reservation board whose reservation appears at once (or never, or empty)."""
+    """A reservation inbox whose reservation appears at once (or never, or empty)."""
+
+    address = "127.0.0.1:9"
 
     def __init__(self, available: bool = True, blocks: list[int] | None = None) -> None:
         self.available = available
         self.blocks = [0, 1] if blocks is None else blocks
         self.taken: list[str] = []
 
-    def post(self, reservation: Reservation) -> None:  # pragma: no cover - D posts, not the test
-        raise NotImplementedError
-
-    def take(self, transfer_id: str, timeout_s: float) -> Reservation:  # pragma: no cover
-        raise NotImplementedError
-
     def poll(self, transfer_id: str) -> Reservation | None:
         if not self.available:
             return None
         self.taken.append(transfer_id)
-        return Reservation(transfer_id, {"host": "x"}, self.blocks, 20)
+        return Reservation(transfer_id, [{"host": "x"}], self.blocks, 20)
+
+    async def wait(self, transfer_id: str, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
 
 
 def _params(**kwargs):

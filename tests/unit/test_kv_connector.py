@@ -17,8 +17,8 @@ import torch
 
 from pdserve.kv_transfer import FaultPlan, TransportConfig
 from pdserve.kv_transfer.blocks import blocks_for_tokens, gather, scatter, wrap_layer
-from pdserve.kv_transfer.connector_meta import (DecodeParams, FileBoard, ParamsError, PDConnectorMetadata,
-                                                PrefillParams, Reservation, TokenSpec)
+from pdserve.kv_transfer.connector_meta import PDConnectorMetadata, TokenSpec
+from pdserve.kv_transfer.params import DecodeParams, ParamsError, PrefillParams, Reservation
 from pdserve.kv_transfer.connector_scheduler import PDSchedulerSide
 from pdserve.kv_transfer.connector_worker import PDWorkerSide, detect_order
 from pdserve.kv_transfer.first_token import FIRST_TOKENS
@@ -82,26 +82,25 @@ def test_block_copies_refuse_bad_ids_and_shapes() -> None:
     assert blocks_for_tokens(0, 4) == 0 and blocks_for_tokens(4, 4) == 1 and blocks_for_tokens(5, 4) == 2
 
 
-# -- params and the board ----------------------------------------------------------------
+# -- params ----------------------------------------------------------------
 def test_params_round_trip_and_malformed_params_are_typed() -> None:
-    assert DecodeParams.parse(DecodeParams("t1", 5.0).to_dict()) == DecodeParams("t1", 5.0)
+    params = DecodeParams("t1", "10.0.0.7:4100", 5.0)
+    assert DecodeParams.parse(params.to_dict()) == params
     assert DecodeParams.parse({"other": 1}) is None and PrefillParams.parse(None) is None
-    reservation = Reservation("t1", {"instance_id": "d"}, [3, 4], 7, 1)
-    assert PrefillParams.parse(reservation.prefill_params()) == PrefillParams("t1", {"instance_id": "d"}, [3, 4], 7, 1)
+    endpoints = [{"instance_id": "d-tp0"}, {"instance_id": "d-tp1"}]
+    reservation = Reservation("t1", endpoints, [3, 4], 7, 1)
+    assert Reservation.from_dict(reservation.to_dict()) == reservation
+    assert PrefillParams.parse(reservation.prefill_params()) == PrefillParams("t1", endpoints, [3, 4], 7, 1)
     with pytest.raises(ParamsError):
         DecodeParams.parse({"pd_remote_prefill": True})
     with pytest.raises(ParamsError):
-        PrefillParams.parse({**reservation.prefill_params(), "decode_block_ids": [-1]})
-
-
-def test_file_board_posts_and_takes_once(tmp_path) -> None:
-    board = FileBoard(tmp_path)
-    board.post(Reservation("t9", {}, [1], 3))
-    assert board.take("t9", 1.0) == Reservation("t9", {}, [1], 3)
-    with pytest.raises(TransferTimeout):
-        board.take("t9", 0.05)
+        DecodeParams.parse({"pd_remote_prefill": True, "transfer_id": "t", "reply_to": 7})
     with pytest.raises(ParamsError):
-        board.post(Reservation("../x", {}, [], 0))
+        PrefillParams.parse({**reservation.prefill_params(), "decode_block_ids": [-1]})
+    with pytest.raises(ParamsError):
+        PrefillParams.parse({**reservation.prefill_params(), "decode_endpoints": {"instance_id": "d"}})
+    with pytest.raises(ParamsError):
+        Reservation.from_dict({**reservation.to_dict(), "num_tokens": True})
 
 
 # -- scheduler side ----------------------------------------------------------------------
@@ -123,15 +122,16 @@ class FakeBlocks:
         return (self.ids,)
 
 
-class MemoryBoard:
+class MemoryPoster:
+    """Records what D's scheduler side posts, and to whom."""
+
     def __init__(self) -> None:
         self.posted: list[Reservation] = []
+        self.addresses: list[str] = []
 
-    def post(self, reservation: Reservation) -> None:
+    def post(self, reply_to: str, reservation: Reservation) -> None:
+        self.addresses.append(reply_to)
         self.posted.append(reservation)
-
-    def take(self, transfer_id: str, timeout_s: float) -> Reservation:
-        return next(r for r in self.posted if r.transfer_id == transfer_id)
 
 
 def sched_output(new: list[tuple[str, int]] = (), scheduled: dict[str, int] | None = None) -> SimpleNamespace:
@@ -139,58 +139,61 @@ def sched_output(new: list[tuple[str, int]] = (), scheduled: dict[str, int] | No
                            num_scheduled_tokens=scheduled or {})
 
 
-def decode_side() -> tuple[PDSchedulerSide, MemoryBoard]:
-    board = MemoryBoard()
-    side = PDSchedulerSide(block_size=BS, board=board, transfer_timeout_s=9.0)
-    side.endpoint = {"instance_id": "decode-0"}
-    return side, board
+REPLY_TO = "127.0.0.1:4100"
+
+
+def decode_side() -> tuple[PDSchedulerSide, MemoryPoster]:
+    poster = MemoryPoster()
+    side = PDSchedulerSide(block_size=BS, poster=poster, transfer_timeout_s=9.0)
+    side.endpoints = [{"instance_id": "decode-0"}]
+    return side, poster
 
 
 def test_decode_reserves_all_but_the_last_token_and_posts_a_reservation() -> None:
-    side, board = decode_side()
-    req = FakeRequest("r1", list(range(10)), DecodeParams("t1").to_dict())
+    side, poster = decode_side()
+    req = FakeRequest("r1", list(range(10)), DecodeParams("t1", REPLY_TO).to_dict())
     assert side.get_num_new_matched_tokens(req, 0) == (9, True)
     side.update_state_after_alloc(req, FakeBlocks([5, 6, 7]), 9)
     side.update_state_after_alloc(req, FakeBlocks([5, 6, 7, 8]), 0)  # second call after the load: ignored
     meta = side.build_connector_meta(sched_output())
     assert [(load.req_id, load.transfer_id, load.block_ids, load.timeout_s) for load in meta.loads] == [
         ("r1", "t1", [5, 6, 7], 9.0)]
-    assert board.posted == [Reservation("t1", {"instance_id": "decode-0"}, [5, 6, 7], 9, 0)]
+    assert poster.posted == [Reservation("t1", [{"instance_id": "decode-0"}], [5, 6, 7], 9, 0)]
     assert side.build_connector_meta(sched_output()).loads == []  # metadata is per step
     # After a failed load vLLM asks again: the answer is "recompute".
     assert side.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
 def test_decode_without_kv_room_is_asked_again_and_reserves_when_it_allocates() -> None:
-    side, board = decode_side()
-    req = FakeRequest("r1", list(range(10)), DecodeParams("t1").to_dict())
+    side, poster = decode_side()
+    req = FakeRequest("r1", list(range(10)), DecodeParams("t1", REPLY_TO).to_dict())
     assert side.get_num_new_matched_tokens(req, 0) == (9, True)
     # No room this step: vLLM does not allocate and asks again on a later one.
-    assert board.posted == []
+    assert poster.posted == []
     assert side.get_num_new_matched_tokens(req, 0) == (9, True)  # still a remote prefill, not a local one
     side.update_state_after_alloc(req, FakeBlocks([4, 2, 9]), 9)
-    assert board.posted == [Reservation("t1", {"instance_id": "decode-0"}, [4, 2, 9], 9, 0)]
+    assert poster.posted == [Reservation("t1", [{"instance_id": "decode-0"}], [4, 2, 9], 9, 0)]
     assert [load.block_ids for load in side.build_connector_meta(sched_output()).loads] == [[4, 2, 9]]
 
 
 def test_decode_skips_its_own_prefix_hit_blocks() -> None:
-    side, board = decode_side()
-    req = FakeRequest("r1", list(range(14)), DecodeParams("t1").to_dict())
+    side, poster = decode_side()
+    req = FakeRequest("r1", list(range(14)), DecodeParams("t1", REPLY_TO).to_dict())
     assert side.get_num_new_matched_tokens(req, 8) == (5, True)
     side.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 5)
-    assert board.posted[0].decode_block_ids == [3, 4] and board.posted[0].first_block == 2
+    assert poster.posted[0].decode_block_ids == [3, 4] and poster.posted[0].first_block == 2
 
 
 def test_decode_with_nothing_to_load_posts_an_empty_reservation() -> None:
-    side, board = decode_side()
-    req = FakeRequest("r1", [42], DecodeParams("t1").to_dict())
+    side, poster = decode_side()
+    req = FakeRequest("r1", [42], DecodeParams("t1", REPLY_TO).to_dict())
     assert side.get_num_new_matched_tokens(req, 0) == (0, False)
-    assert board.posted == [Reservation("t1", {"instance_id": "decode-0"}, [], 0)]
+    assert poster.posted == [Reservation("t1")] and poster.addresses == [REPLY_TO]  # empty: no transfer
 
 
 def test_decode_abort_while_waiting_aborts_the_load_and_frees_at_once() -> None:
     side, _ = decode_side()
-    req = FakeRequest("r1", list(range(10)), DecodeParams("t1").to_dict())
+    req = FakeRequest("r1", list(range(10)), DecodeParams("t1", REPLY_TO).to_dict())
     side.get_num_new_matched_tokens(req, 0)
     side.update_state_after_alloc(req, FakeBlocks([5, 6, 7]), 9)
     side.build_connector_meta(sched_output())
@@ -209,9 +212,9 @@ class FakeManager:
 
 
 def test_prefill_sends_in_the_step_that_completes_the_prompt_and_holds_blocks() -> None:
-    side = PDSchedulerSide(block_size=BS, board=None, transfer_timeout_s=9.0)
+    side = PDSchedulerSide(block_size=BS, poster=None, transfer_timeout_s=9.0)
     side.kv_cache_manager = FakeManager({"p1": [20, 21, 22]})
-    params = Reservation("t1", {"instance_id": "decode-0"}, [5, 6, 7], 9).prefill_params()
+    params = Reservation("t1", [{"instance_id": "decode-0"}], [5, 6, 7], 9).prefill_params()
     req = FakeRequest("p1", list(range(10)), params, output_token_ids=[42])
     assert side.get_num_new_matched_tokens(req, 0) == (0, False)
     # Chunked prefill: 6 tokens, then the remaining 4.
@@ -228,9 +231,9 @@ def test_prefill_sends_in_the_step_that_completes_the_prompt_and_holds_blocks() 
 
 
 def test_prefill_aborted_before_its_last_chunk_frees_at_once() -> None:
-    side = PDSchedulerSide(block_size=BS, board=None, transfer_timeout_s=9.0)
+    side = PDSchedulerSide(block_size=BS, poster=None, transfer_timeout_s=9.0)
     side.kv_cache_manager = FakeManager({"p1": [20, 21, 22]})
-    req = FakeRequest("p1", list(range(10)), Reservation("t1", {}, [5, 6, 7], 9).prefill_params())
+    req = FakeRequest("p1", list(range(10)), Reservation("t1", [{}], [5, 6, 7], 9).prefill_params())
     side.get_num_new_matched_tokens(req, 0)
     side.build_connector_meta(sched_output([("p1", 0)], {"p1": 4}))
     req.status = SimpleNamespace(name="FINISHED_ABORTED")
@@ -261,7 +264,7 @@ def _load_and_send(fabric: LoopbackFabric, timeout: float = 5.0):
     p, p_caches = worker("prefill-0", fabric, seed=10, timeout=timeout)
     d, d_caches = worker("decode-0", fabric, seed=50, timeout=timeout)
     d.bind(PDConnectorMetadata(loads=[LoadSpec("d1", "t1", [8, 3], timeout)]))
-    p.bind(PDConnectorMetadata(sends=[SendSpec("p1", "t1", d.transport.endpoint.to_dict(), [1, 2], [8, 3], timeout)]))
+    p.bind(PDConnectorMetadata(sends=[SendSpec("p1", "t1", [d.transport.endpoint.to_dict()], [1, 2], [8, 3], timeout)]))
     return p, p_caches, d, d_caches
 
 
@@ -321,7 +324,7 @@ def test_an_unreachable_decode_fails_the_send_but_still_frees_prefill_blocks() -
     p, _ = worker("prefill-0", LoopbackFabric(), seed=0)
     try:
         ghost = {**p.transport.endpoint.to_dict(), "instance_id": "decode-9", "address": "loopback://nowhere/0"}
-        p.bind(PDConnectorMetadata(sends=[SendSpec("p1", "t1", ghost, [1], [1], 1.0)]))
+        p.bind(PDConnectorMetadata(sends=[SendSpec("p1", "t1", [ghost], [1], [1], 1.0)]))
         p.save_layer("model.layers.0.self_attn.attn")  # no sender: nothing to do, no error
         assert p.transfer_results({"p1"})[0] == {"p1"}
     finally:
