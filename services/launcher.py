@@ -14,6 +14,7 @@ import os
 import signal
 
 from pdserve.shared.config import ServeConfig
+from pdserve.shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +29,45 @@ def _init_ray(config: ServeConfig) -> None:
     if config.ray.address is None:
         # A local cluster we own: no auth tokens (nothing outside this machine can reach it).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        needed = int(config.pools.total * config.pools.cpus_per_instance + 0.999)
-        num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, needed)
-        ray.init(namespace=config.ray.namespace, num_cpus=num_cpus, include_dashboard=False)
+        needed, custom = _local_needs(config)
+        num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(needed + 0.999))
+        # The pools' custom resources exist on a local cluster by fiat: a Splitwise YAML made for a
+        # cluster of two GPU types runs here too, every pool on this one node.
+        ray.init(namespace=config.ray.namespace, num_cpus=num_cpus, resources=custom or None,
+                 include_dashboard=False)
     else:
         ray.init(address=config.ray.address, namespace=config.ray.namespace)
+
+
+def _local_needs(config: ServeConfig) -> tuple[float, dict[str, float]]:
+    """CPUs and custom resources all instances reserve together."""
+    pools = config.pools
+    cpus, custom = 0.0, {}
+    for pool in (pools.mixed, pools.prefill, pools.decode):
+        cpus += pool.instances * pools.cpus_for(pool)
+        for name, amount in pool.resources.items():
+            custom[name] = custom.get(name, 0.0) + amount * pool.instances
+    return cpus, custom
+
+
+def check_pools_agree(infos: list) -> None:
+    """Engines of every pool must agree on what a KV block is; ConfigError naming the two that differ."""
+    first = infos[0]
+    for info in infos[1:]:
+        for field in ("model", "block_size", "max_model_len"):
+            if getattr(info, field) != getattr(first, field):
+                raise ConfigError(f"{field} differs between pools: {getattr(first, field)} on {first.instance_id}, "
+                                  f"{getattr(info, field)} on {info.instance_id}; set it under `engine` so every "
+                                  "pool runs the same")
 
 
 def _cores_to_bind(config: ServeConfig) -> list[int] | None:
     """This machine's cores, when CPU instances should each bind their own (a local Ray on a CPU platform)."""
     from vllm.platforms import current_platform
 
-    if not config.pools.bind_cores or config.ray.address is not None or config.pools.gpus_per_instance:
+    pools = config.pools
+    if not pools.bind_cores or config.ray.address is not None or \
+            any(pools.gpus_for(p) for p in (pools.mixed, pools.prefill, pools.decode)):
         return None
     if not current_platform.is_cpu():
         return None
@@ -81,13 +109,14 @@ def serve(config: ServeConfig) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own handler
         logger.info("starting %d engine instance(s) of %s", config.pools.total, config.engine.model)
         inbox = None
-        if config.pools.prefill:
+        if config.pools.prefill.instances:
             kv = resolve_hosts(config.kv_transfer, node_address())
             inbox = ReservationInbox(kv.bind_host or "127.0.0.1", kv.advertise_host, kv.port_range)
             inbox.start()
             stack.callback(inbox.close)
         pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace,
                             kv=config.kv_transfer, cores=_cores_to_bind(config))
+        check_pools_agree([c.info for c in pools.clients])
         info = pools.clients[0].info
         model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,
                                  info.max_model_len, info.max_logprobs)

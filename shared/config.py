@@ -50,6 +50,8 @@ class EngineConfig(_Strict):
     gpu_memory_utilization: float | None = Field(
         None, gt=0.0, le=1.0,
         description="Fraction of device memory for weights and KV (on CPU: of host memory). Default: 0.15 on CPU, vLLM's on GPU.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree of every instance, unless "
+                                                           "its pool says (pools.<role>.engine).")
     max_num_seqs: int | None = Field(None, gt=0, description="Most requests in one engine batch.")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="Most tokens in one engine step.")
     enable_prefix_caching: bool | None = Field(None, description="Reuse KV of shared prompt prefixes; default: vLLM's.")
@@ -67,31 +69,106 @@ class EngineConfig(_Strict):
         return path.name if path.is_dir() else self.model
 
 
-class PoolsConfig(_Strict):
-    """How many engine instances of each role, and what each one reserves in Ray."""
+# Engine settings that must agree across pools (a P's KV must fit D's cache as it is); they live in
+# `engine` only, and a pool's engine_args may not set them.
+CROSS_POOL_ENGINE_ARGS = frozenset({"model", "tokenizer", "dtype", "kv_cache_dtype", "block_size", "max_model_len",
+                                    "served_model_name", "tensor_parallel_size"})
 
-    mixed: int = Field(0, ge=0, description="Instances that run prefill and decode colocated.")
-    prefill: int = Field(1, ge=0, description="Prefill instances (disaggregated serving).")
-    decode: int = Field(1, ge=0, description="Decode instances (disaggregated serving).")
-    cpus_per_instance: float = Field(1.0, gt=0, description="Ray CPUs each instance reserves.")
-    gpus_per_instance: float = Field(0.0, ge=0, description="Ray GPUs each instance reserves (0 on CPU machines).")
+
+class PoolEngineConfig(_Strict):
+    """One pool's own engine settings, over `engine` (Splitwise's pools differ in batch shape and GPU)."""
+
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="Tensor-parallel degree of each instance; default: engine's. Prefill and decode "
+                                "must match (rank r pairs with rank r).")
+    max_num_seqs: int | None = Field(None, gt=0, description="Most requests in one batch; default: engine's.")
+    max_num_batched_tokens: int | None = Field(None, gt=0, description="Most tokens in one step; default: engine's.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0, description="Device-memory fraction for weights and KV; default: engine's.")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV-cache bytes per instance; default: engine's.")
+    enable_prefix_caching: bool | None = Field(None, description="Prefix caching on this pool; default: engine's.")
+    engine_args: dict[str, EngineArgValue] = Field(
+        default_factory=dict, description="Further vLLM engine arguments for this pool, over engine.engine_args.")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_cross_pool_args(cls, value: dict[str, EngineArgValue]) -> dict[str, EngineArgValue]:
+        shared = sorted(CROSS_POOL_ENGINE_ARGS & set(value))
+        if shared:
+            raise ValueError(f"{shared} must be the same on every pool: set them under `engine`, not per pool")
+        return value
+
+
+class PoolConfig(_Strict):
+    """One pool: how many instances, where Ray places them, and their engine settings."""
+
+    instances: int = Field(0, ge=0, description="Engine instances in this pool.")
+    cpus_per_instance: float | None = Field(None, gt=0, description="Ray CPUs each reserves; default: pools'.")
+    gpus_per_instance: float | None = Field(None, ge=0, description="Ray GPUs each reserves; default: pools'.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each instance reserves, e.g. "
+                                          "{'accelerator_type:H100': 0.001} to land on H100 nodes.")
+    engine: PoolEngineConfig = Field(default_factory=PoolEngineConfig)
+
+
+def _pool(value: object) -> object:
+    """A bare count is a pool of that many default instances (`prefill: 2`)."""
+    return {"instances": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class PoolsConfig(_Strict):
+    """The engine pools by role; a pool is a count or a mapping (see PoolConfig)."""
+
+    mixed: PoolConfig = Field(default_factory=PoolConfig,
+                              description="Instances that run prefill and decode colocated.")
+    prefill: PoolConfig = Field(default_factory=lambda: PoolConfig(instances=1),
+                                description="Prefill instances (disaggregated serving).")
+    decode: PoolConfig = Field(default_factory=lambda: PoolConfig(instances=1),
+                               description="Decode instances (disaggregated serving).")
+    cpus_per_instance: float = Field(1.0, gt=0, description="Ray CPUs each instance reserves, unless its pool says.")
+    gpus_per_instance: float = Field(
+        0.0, ge=0, description="Ray GPUs each instance reserves unless its pool says (0 on CPU machines).")
     bind_cores: bool = Field(
         True, description="CPU instances on a local Ray bind their compute threads to cores of their own "
                           "(cpus_per_instance each, in instance order), so a prefill and a decode instance never "
                           "share a core; off: vLLM's own binding (each engine takes what it sees).")
 
+    @field_validator("mixed", "prefill", "decode", mode="before")
+    @classmethod
+    def _as_pool(cls, value: object) -> object:
+        return _pool(value)
+
     @model_validator(mode="after")
     def _check_roles(self) -> "PoolsConfig":
-        if self.mixed + self.prefill + self.decode == 0:
+        mixed, prefill, decode = self.mixed.instances, self.prefill.instances, self.decode.instances
+        if mixed + prefill + decode == 0:
             raise ValueError("at least one engine instance is needed")
-        if (self.prefill == 0) != (self.decode == 0):
+        if (prefill == 0) != (decode == 0):
             raise ValueError("disaggregated serving needs both prefill and decode instances "
-                             f"(got prefill={self.prefill}, decode={self.decode})")
+                             f"(got prefill={prefill}, decode={decode})")
         return self
+
+    def cpus_for(self, pool: PoolConfig) -> float:
+        return pool.cpus_per_instance if pool.cpus_per_instance is not None else self.cpus_per_instance
+
+    def gpus_for(self, pool: PoolConfig) -> float:
+        return pool.gpus_per_instance if pool.gpus_per_instance is not None else self.gpus_per_instance
 
     @property
     def total(self) -> int:
-        return self.mixed + self.prefill + self.decode
+        return self.mixed.instances + self.prefill.instances + self.decode.instances
+
+
+def engine_for(engine: "EngineConfig", pool: PoolConfig) -> "EngineConfig":
+    """`engine` with `pool`'s own settings over it: what that pool's instances run."""
+    own = pool.engine
+    update = {name: getattr(own, name) for name in
+              ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "kv_cache_memory_bytes",
+               "enable_prefix_caching") if getattr(own, name) is not None}
+    if own.tensor_parallel_size is not None:
+        update["tensor_parallel_size"] = own.tensor_parallel_size
+    update["engine_args"] = {**engine.engine_args, **own.engine_args}
+    return engine.model_copy(update=update)
 
 
 class GatewayConfig(_Strict):
@@ -181,6 +258,24 @@ class ServeConfig(_Strict):
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def _check_pools(self) -> "ServeConfig":
+        """Rules across pools that only the whole tree can check."""
+        pools = self.pools
+        tp = {name: engine_for(self.engine, getattr(pools, name)).tensor_parallel_size
+              for name in ("mixed", "prefill", "decode")}
+        if pools.prefill.instances and tp["prefill"] != tp["decode"]:
+            raise ValueError(
+                f"prefill tensor_parallel_size {tp['prefill']} differs from decode's {tp['decode']}: rank r of a "
+                "prefill instance sends its share of the KV heads to rank r of a decode instance, so both pools "
+                "need the same degree")
+        for name, degree in tp.items():
+            gpus = pools.gpus_for(getattr(pools, name))
+            if gpus and gpus < degree:
+                raise ValueError(f"pools.{name}: {gpus:g} GPU(s) per instance cannot hold tensor_parallel_size "
+                                 f"{degree}")
+        return self
+
     @classmethod
     def load(cls, path: Path | None = None, overrides: dict | None = None) -> "ServeConfig":
         """File, then environment, then `overrides` (nested, from CLI flags)."""
@@ -194,7 +289,7 @@ class ServeConfig(_Strict):
                 raise ConfigError(f"config file {path} must hold a mapping at the top level")
             data = loaded
         for layer in (env_overrides(), overrides or {}):
-            data = _merge(data, layer)
+            data = _merge(_counts_as_pools(data), _counts_as_pools(layer))
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -219,6 +314,15 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict:
         if environ.get(var):
             out.setdefault(section, {})[key] = environ[var]
     return out
+
+
+def _counts_as_pools(layer: dict) -> dict:
+    """`pools.decode: 2` as `{instances: 2}`, so a count from the CLI keeps the file's resources for that pool."""
+    pools = layer.get("pools")
+    if not isinstance(pools, dict):
+        return layer
+    return {**layer, "pools": {key: _pool(value) if key in ("mixed", "prefill", "decode") else value
+                               for key, value in pools.items()}}
 
 
 def _merge(base: dict, top: dict) -> dict:

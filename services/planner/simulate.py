@@ -90,13 +90,14 @@ def design_from_config(path: Path, hardware: str):
         cfg = ServeConfig.load(path)
     except ConfigError as exc:
         raise SpecError(str(exc)) from None
-    pools, machines = cfg.pools, Family.parse(hardware)
-    if pools.mixed and (pools.prefill or pools.decode):
+    machines = Family.parse(hardware)
+    mixed, prefill, decode = cfg.pools.mixed.instances, cfg.pools.prefill.instances, cfg.pools.decode.instances
+    if mixed and (prefill or decode):
         raise SpecError(f"{path}: mixed and prefill/decode pools together are not one planner design")
-    if pools.mixed:
-        return Design(Family(machines.prompt), pools.mixed), cfg.gateway.routing_policy
-    return Design(Family(machines.prompt, machines.token or machines.prompt), pools.prefill,
-                  pools.decode), cfg.gateway.routing_policy
+    if mixed:
+        return Design(Family(machines.prompt), mixed), cfg.gateway.routing_policy
+    return Design(Family(machines.prompt, machines.token or machines.prompt), prefill,
+                  decode), cfg.gateway.routing_policy
 
 
 def _workload_spec(args):

@@ -81,6 +81,7 @@ def build_engine_args(config: EngineConfig, kv_transfer_config: dict[str, Any] |
         "dtype": config.dtype,
         "seed": config.seed,
         "enforce_eager": config.enforce_eager,
+        "tensor_parallel_size": config.tensor_parallel_size,
         "disable_log_stats": False,  # our stat logger needs the scheduler's stats
     }
     optional = {

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.shared.config import EngineConfig, KVTransferConfig, PoolsConfig
+from pdserve.shared.config import EngineConfig, KVTransferConfig, PoolConfig, PoolsConfig, engine_for
 from pdserve.shared.errors import EngineError
 from pdserve.shared.roles import Role
 from pdserve.worker.client import RayEngineClient
@@ -50,9 +50,20 @@ def core_bindings(count: int, cores_each: int, available: list[int]) -> list[str
     return out
 
 
+def pool_of(pools: PoolsConfig, role: Role) -> PoolConfig:
+    return {Role.MIXED: pools.mixed, Role.PREFILL: pools.prefill, Role.DECODE: pools.decode}[role]
+
+
 def _instances(pools: PoolsConfig) -> list[tuple[str, Role]]:
-    plan = [(Role.MIXED, pools.mixed), (Role.PREFILL, pools.prefill), (Role.DECODE, pools.decode)]
+    plan = [(role, pool_of(pools, role).instances) for role in (Role.MIXED, Role.PREFILL, Role.DECODE)]
     return [(f"{role.value}-{i}", role) for role, count in plan for i in range(count)]
+
+
+def actor_options(pools: PoolsConfig, role: Role) -> dict[str, Any]:
+    """What one instance of `role` reserves in Ray: its pool's CPUs, GPUs and custom resources."""
+    pool = pool_of(pools, role)
+    return {"num_cpus": pools.cpus_for(pool), "num_gpus": pools.gpus_for(pool),
+            "resources": dict(pool.resources) or None}
 
 
 def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str = "pdserve",
@@ -79,13 +90,12 @@ def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str 
         return actor_cls.options(
             # A respawned actor gets a new name: the dead one's may not be released yet.
             name=f"{namespace_prefix}-{instance_id}-{next(generation)}",
-            num_cpus=pools.cpus_per_instance,
-            num_gpus=pools.gpus_per_instance,
+            **actor_options(pools, role),
             max_concurrency=1000,  # one long-lived outputs() stream plus control calls
             # The engine core inherits the actor's environment: vLLM-CPU binds its threads as told.
             runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": bindings[instance_id]}}
             if instance_id in bindings else None,
-        ).remote(instance_id, role, engine, kv if role is not Role.MIXED else None)
+        ).remote(instance_id, role, engine_for(engine, pool_of(pools, role)), kv if role is not Role.MIXED else None)
 
     actors = [make_actor(instance_id, role) for instance_id, role in instances]
     try:

@@ -164,11 +164,16 @@ def test_written_config_is_one_pdserve_serve_accepts(case, rendered, tmp_path):
     config = ServeConfig.load(path)
     prefill = {"replicas": 1, "instancesPerPod": 1, "gpusPerInstance": 1, "cpusPerInstance": 4,
                **values.get("prefill", {})}
-    decode = {"replicas": 1, "instancesPerPod": 1, **values.get("decode", {})}
-    assert config.pools.prefill == prefill["replicas"] * prefill["instancesPerPod"]
-    assert config.pools.decode == decode["replicas"] * decode["instancesPerPod"]
-    assert config.pools.gpus_per_instance == prefill["gpusPerInstance"]
-    assert config.pools.cpus_per_instance == prefill["cpusPerInstance"]
+    decode = {"replicas": 1, "instancesPerPod": 1, "gpusPerInstance": 1, "cpusPerInstance": 4,
+              "rayResources": {"pdserve_decode": "1"}, **values.get("decode", {})}
+    prefill.setdefault("rayResources", {"pdserve_prefill": "1"})
+    for pool, want in ((config.pools.prefill, prefill), (config.pools.decode, decode)):
+        assert pool.instances == want["replicas"] * want["instancesPerPod"]
+        assert pool.gpus_per_instance == want["gpusPerInstance"]
+        assert pool.cpus_per_instance == want["cpusPerInstance"]
+        # Each instance asks for its share of what its pods advertise: it lands on its own pool's pods.
+        assert pool.resources == {k: float(v) / want["instancesPerPod"] for k, v in want["rayResources"].items()}
+        assert pool.engine.engine_args == want.get("engineArgs", {})
     assert config.ray.address == "auto" and config.gateway.host == "0.0.0.0"
     assert config.gateway.api_key is None  # the key comes from a Secret, never the ConfigMap
     if values:
@@ -189,11 +194,17 @@ def test_broken_values_file_is_rejected_naming_the_field(chart):
         chart.validate_schema({"gateway": {"replicas": 2}})
 
 
-def test_pools_the_config_cannot_express_yet_fail_clearly(chart):
-    with pytest.raises(helm.HelmRenderError, match="gpusPerInstance.*issue 9"):
-        render(chart, {"prefill": {"gpusPerInstance": 2}})
-    with pytest.raises(helm.HelmRenderError, match="engineArgs"):
-        render(chart, {"decode": {"engineArgs": {"max_num_seqs": 512}}})
+def test_each_pool_gets_its_own_gpus_and_engine_arguments(chart, tmp_path):
+    docs = render(chart, {"prefill": {"gpusPerInstance": 2, "instancesPerPod": 2, "engineArgs": {"max_num_seqs": 8}},
+                          "decode": {"gpusPerInstance": 1, "engineArgs": {"max_num_seqs": 512}}})
+    (cm,) = by_kind(docs, "ConfigMap")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    pools = ServeConfig.load(path).pools
+    assert (pools.prefill.gpus_per_instance, pools.decode.gpus_per_instance) == (2, 1)
+    assert pools.prefill.resources == {"pdserve_prefill": 0.5}
+    assert pools.prefill.engine.engine_args == {"max_num_seqs": 8}
+    assert pools.decode.engine.engine_args == {"max_num_seqs": 512}
 
 
 def _gateway(docs: list[dict]) -> dict:

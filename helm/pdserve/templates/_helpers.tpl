@@ -49,29 +49,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-pdserve's config file. Today's config tree has one set of Ray CPUs/GPUs per
-instance and one engine for both pools (per-pool resources and engine
-arguments are issue 9): until then the two groups must agree on those.
+One pool of pdserve's config: its instance count, its Ray CPUs/GPUs per
+instance, a share of the custom Ray resources its pods advertise (so its
+instances land on its own pods), and its own vLLM engine arguments.
 */}}
+{{- define "pdserve.pool" -}}
+{{- $g := .group -}}
+{{- $res := dict -}}
+{{- range $k, $v := $g.rayResources }}{{ $_ := set $res $k (divf (float64 $v) (float64 $g.instancesPerPod)) }}{{ end -}}
+{{- toJson (dict "instances" (mul $g.replicas $g.instancesPerPod) "cpus_per_instance" $g.cpusPerInstance "gpus_per_instance" $g.gpusPerInstance "resources" $res "engine" (dict "engine_args" (deepCopy ($g.engineArgs | default dict)))) -}}
+{{- end -}}
+
+{{/* pdserve's config file: the user's `pdserve` values with the pools and addresses the chart owns. */}}
 {{- define "pdserve.config" -}}
 {{- $p := .Values.prefill -}}
 {{- $d := .Values.decode -}}
-{{- if ne (toString $p.gpusPerInstance) (toString $d.gpusPerInstance) -}}
-{{- fail (printf "prefill.gpusPerInstance (%v) and decode.gpusPerInstance (%v) must be equal: pdserve's config has one pools.gpus_per_instance until per-pool resources land (issue 9)" $p.gpusPerInstance $d.gpusPerInstance) -}}
-{{- end -}}
-{{- if ne (toString $p.cpusPerInstance) (toString $d.cpusPerInstance) -}}
-{{- fail (printf "prefill.cpusPerInstance (%v) and decode.cpusPerInstance (%v) must be equal: pdserve's config has one pools.cpus_per_instance until per-pool resources land (issue 9)" $p.cpusPerInstance $d.cpusPerInstance) -}}
-{{- end -}}
-{{- if ne (toJson $p.engineArgs) (toJson $d.engineArgs) -}}
-{{- fail "prefill.engineArgs and decode.engineArgs must be equal: pdserve runs one engine configuration for both pools until per-pool engine arguments land (issue 9)" -}}
-{{- end -}}
 {{- $cfg := deepCopy .Values.pdserve -}}
-{{- $engine := get $cfg "engine" | default dict -}}
-{{- $_ := set $engine "engine_args" (mergeOverwrite (get $engine "engine_args" | default dict) (deepCopy $p.engineArgs)) -}}
-{{- $pools := dict "mixed" 0 "prefill" (mul $p.replicas $p.instancesPerPod) "decode" (mul $d.replicas $d.instancesPerPod) "cpus_per_instance" $p.cpusPerInstance "gpus_per_instance" $p.gpusPerInstance -}}
+{{- $pools := dict "mixed" 0 "prefill" (include "pdserve.pool" (dict "group" $p) | fromJson) "decode" (include "pdserve.pool" (dict "group" $d) | fromJson) -}}
 {{- $gateway := mergeOverwrite (get $cfg "gateway" | default dict) (dict "host" "0.0.0.0" "port" .Values.gateway.port) -}}
 {{- $ray := mergeOverwrite (get $cfg "ray" | default dict) (dict "address" "auto") -}}
-{{- $_ := set $cfg "engine" $engine -}}
 {{- $_ := set $cfg "pools" $pools -}}
 {{- $_ := set $cfg "gateway" $gateway -}}
 {{- $_ := set $cfg "ray" $ray -}}
