@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 
-from pdserve.shared.config import ServeConfig
+from pdserve.shared.config import EngineConfig, ServeConfig
 from pdserve.shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,31 @@ def _reap(processes: list, grace_s: float = 10.0) -> None:
             proc.kill()
 
 
+def _engine_for_routing(config: ServeConfig) -> EngineConfig:
+    """The engine settings with what the routing policy needs of every engine (KV events, their hash)."""
+    if config.gateway.routing_policy != "prefix_aware":
+        return config.engine
+    # The router hashes prompts with this algorithm: the engines' prefix caches must too.
+    args = {**config.engine.engine_args, "prefix_caching_hash_algo": config.prefix_routing.hash_algo}
+    return config.engine.model_copy(update={"publish_kv_events": config.publishes_kv_events, "engine_args": args})
+
+
+def _prefix_tracker(config: ServeConfig):
+    if config.gateway.routing_policy != "prefix_aware":
+        return None
+    from pdserve.router.prefix_tracker import PrefixTracker
+
+    return PrefixTracker(config.prefix_routing)
+
+
+def _policy(config: ServeConfig):
+    from pdserve.router.registry import make_policy, make_prefix_policy
+
+    if config.gateway.routing_policy == "prefix_aware":
+        return make_prefix_policy(config.prefix_routing)
+    return make_policy(config.gateway.routing_policy)
+
+
 def serve(config: ServeConfig) -> int:
     import ray
 
@@ -97,7 +122,6 @@ def serve(config: ServeConfig) -> int:
     from pdserve.kv_transfer.ports import node_address, resolve_hosts
     from pdserve.kv_transfer.reservations import ReservationInbox
     from pdserve.router.controller import Router
-    from pdserve.router.registry import make_policy
     from pdserve.shared.metrics import Metrics
     from pdserve.worker.pool import start_pools, stop_pools
 
@@ -114,15 +138,16 @@ def serve(config: ServeConfig) -> int:
             inbox = ReservationInbox(kv.bind_host or "127.0.0.1", kv.advertise_host, kv.port_range)
             inbox.start()
             stack.callback(inbox.close)
-        pools = start_pools(config.engine, config.pools, namespace_prefix=config.ray.namespace,
+        prefix = _prefix_tracker(config)
+        pools = start_pools(_engine_for_routing(config), config.pools, namespace_prefix=config.ray.namespace,
                             kv=config.kv_transfer, cores=_cores_to_bind(config))
         check_pools_agree([c.info for c in pools.clients])
         info = pools.clients[0].info
         model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,
                                  info.max_model_len, info.max_logprobs)
         metrics = Metrics(model.name)
-        router = Router(pools.clients, make_policy(config.gateway.routing_policy), on_stats=metrics.observe_instance,
-                        on_restart=metrics.observe_restart,
+        router = Router(pools.clients, _policy(config), on_stats=metrics.observe_instance,
+                        on_restart=metrics.observe_restart, prefix=prefix,
                         inbox=inbox,
                         reservation_timeout_s=config.kv_transfer.reservation_timeout_s,
                         transfer_timeout_s=config.kv_transfer.transfer_timeout_s)

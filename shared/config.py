@@ -55,6 +55,9 @@ class EngineConfig(_Strict):
     max_num_seqs: int | None = Field(None, gt=0, description="Most requests in one engine batch.")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="Most tokens in one engine step.")
     enable_prefix_caching: bool | None = Field(None, description="Reuse KV of shared prompt prefixes; default: vLLM's.")
+    publish_kv_events: bool = Field(
+        False, description="Publish the engine's KV-cache events (blocks stored, removed) over ZMQ for the "
+                           "router's prefix index; set by `pdserve serve` when the routing policy needs them.")
     enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start-up; on CPU it matters little).")
     seed: int = Field(0, description="Engine seed: with the same seed, sampled outputs repeat.")
     engine_args: dict[str, EngineArgValue] = Field(
@@ -171,13 +174,57 @@ def engine_for(engine: "EngineConfig", pool: PoolConfig) -> "EngineConfig":
     return engine.model_copy(update=update)
 
 
+class PrefixRoutingConfig(_Strict):
+    """Prefix-aware placement (`routing_policy: prefix_aware`): where the prompt's KV cache already is.
+
+    Decode (and mixed) instances are scored `hit_weight * hit - load_weight * excess`, where `hit`
+    is the fraction of the prompt's tokens the instance holds and `excess` its outstanding
+    requests above the least loaded candidate's, over (theirs + `balance_slack`); prefill
+    instances by the prompt tokens ahead of this request's first token,
+    `load_weight * queued - hit_weight * held`. With no hit anywhere the base policy decides.
+    """
+
+    index: Literal["events", "sent"] = Field(
+        "events", description="events: engines publish their KV-cache events (vLLM kv_events_config) and the "
+                              "router follows them (precise); sent: the router's own record of which prompts it "
+                              "sent where, expiring after sent_ttl_s (approximate, no engine support needed).")
+    hit_weight: float = Field(1.0, ge=0, description="Weight of the prefix an instance holds.")
+    load_weight: float = Field(1.0, ge=0, description="Weight of an instance's load against its prefix hit.")
+    balance_slack: float = Field(
+        4.0, gt=0, description="Decode: requests above the least loaded candidate an instance may carry at "
+                               "(load_weight x hit) full weight; larger values follow the prefix further.")
+    base_policy: str = Field("least_loaded", description="Policy deciding when no instance holds any prefix.")
+    sent_ttl_s: float = Field(300.0, gt=0, description="index=sent: how long a sent prompt is assumed cached.")
+    pending_ttl_s: float = Field(
+        5.0, gt=0, description="index=events: how long a placement counts as cached before its engine's events "
+                               "confirm it (events follow the step that computed the blocks).")
+    hash_algo: Literal["sha256", "sha256_cbor"] = Field(
+        "sha256", description="vLLM's prefix_caching_hash_algo on every engine; the router hashes prompts alike.")
+    hash_seed: str | None = Field(
+        None, description="The engines' PYTHONHASHSEED if they run with one (it seeds vLLM's block hashes); "
+                          "default: vLLM's fixed seed.")
+    events_poll_s: float = Field(0.1, gt=0, description="Longest wait of the KV event subscriber's poll.")
+    events_replay_timeout_s: float = Field(5.0, gt=0, description="A replay request to an engine's event "
+                                                                  "publisher unanswered this long is retried.")
+
+    @field_validator("base_policy")
+    @classmethod
+    def _known_base(cls, value: str) -> str:
+        from pdserve.router.registry import POLICIES
+
+        if value not in POLICIES or value == "prefix_aware":
+            raise ValueError(f"unknown base policy {value!r}; choose from {sorted(set(POLICIES) - {'prefix_aware'})}")
+        return value
+
+
 class GatewayConfig(_Strict):
     """The OpenAI-compatible HTTP surface."""
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on (0: any free port).")
     api_key: SecretStr | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
-    routing_policy: str = Field("least_loaded", description="Placement policy (round_robin, least_loaded, kv_jsq, splitwise).")
+    routing_policy: str = Field("least_loaded", description="Placement policy (round_robin, least_loaded, kv_jsq, splitwise, "
+                                                                "prefix_aware).")
     stats_interval_s: float = Field(0.5, gt=0, description="How often instance stats are refreshed for routing and metrics.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Gateway log level.")
 
@@ -256,7 +303,13 @@ class ServeConfig(_Strict):
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    prefix_routing: PrefixRoutingConfig = Field(default_factory=PrefixRoutingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def publishes_kv_events(self) -> bool:
+        """Engines publish KV-cache events: the prefix-aware policy follows them."""
+        return self.gateway.routing_policy == "prefix_aware" and self.prefix_routing.index == "events"
 
     @model_validator(mode="after")
     def _check_pools(self) -> "ServeConfig":

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from pdserve.shared.lifecycle import Outcome, RequestLifecycle
 from pdserve.shared.protocol import EngineStats
+from pdserve.shared.roles import Role
 
 # Latency buckets (seconds): from sub-millisecond GPU steps to slow CPU prompts.
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -59,6 +60,26 @@ class Metrics:
                               labels, registry=r)
         self.restarts = Counter("pdserve:engine_restarts", "Engines the controller restarted after they died.",
                                 labels, registry=r)
+        self.prefix_queries = Counter(
+            "pdserve:prefix_cache_queries", "Prompt tokens looked up in a prefix cache, by the role of the instance "
+            "that computed the prompt (prefill under disaggregation).", ["model_name", "role"], registry=r)
+        self.prefix_hits = Counter(
+            "pdserve:prefix_cache_hits", "Prompt tokens found in that instance's prefix cache (reused, not "
+            "computed); queries - hits were computed.", ["model_name", "role"], registry=r)
+        self.kv_bytes_saved = Counter(
+            "pdserve:kv_transfer_bytes_saved", "KV-cache bytes a prefill instance did not send because the decode "
+            "instance held those prompt blocks already.", labels, registry=r)
+        self.kv_blocks_saved = Counter(
+            "pdserve:kv_transfer_blocks_saved", "Prompt blocks not sent because the decode instance held them.",
+            labels, registry=r)
+        self.prefix_index = Gauge("pdserve:prefix_index", "The router's prefix index since start: events applied, "
+                                  "stale and out-of-order events, sequence gaps, replays, hash checks.",
+                                  ["model_name", "counter"], registry=r)
+        self.prefix_predicted = Gauge(
+            "pdserve:prefix_index_hit_tokens", "Prompt tokens the prefix index said the chosen instance held, "
+            "and prompt tokens placed (kind=placed), by role, since start.", ["model_name", "role", "kind"],
+            registry=r)
+        self._saved_seen: dict[tuple[str, str], float] = {}  # (instance, event) -> last total seen
         self.handoffs = Gauge("pdserve:handoffs", "Requests routed P->D since start, by outcome (handoffs, "
                               "fallbacks_colocated, decode_alone, prefill_failures, first_token_restarts).",
                               ["model_name", "outcome"], registry=r)
@@ -88,12 +109,35 @@ class Metrics:
         self.kv_usage.labels(*labels).set(stats.kv_usage)
         self.healthy.labels(*labels).set(1 if stats.healthy else 0)
         for event, value in stats.kv_transfer.items():
-            if event == "bytes_sent":
+            if event in ("bytes_saved", "blocks_saved"):
+                self._count_total(stats.instance_id, event, value,
+                                  (self.kv_bytes_saved if event == "bytes_saved" else self.kv_blocks_saved)
+                                  .labels(*labels))
+            elif event == "bytes_sent":
                 self.kv_bytes.labels(*labels).set(value)
             elif event.endswith("_s"):
                 self.kv_seconds.labels(*labels, event.removesuffix("_s")).set(value)
             else:
                 self.kv_transfers.labels(*labels, event).set(value)
+
+    def _count_total(self, instance: str, event: str, total: float, counter) -> None:
+        """A counter from an instance's running total (stats report totals since start)."""
+        last = self._saved_seen.get((instance, event), 0.0)
+        if total > last:
+            counter.inc(total - last)
+        self._saved_seen[(instance, event)] = max(total, last)
+
+    def observe_prefix(self, role: Role, prompt_tokens: int, cached_tokens: int) -> None:
+        """One prompt computed by an instance of `role`: how much of it its prefix cache held."""
+        self.prefix_queries.labels(self.model_name, role.value).inc(prompt_tokens)
+        self.prefix_hits.labels(self.model_name, role.value).inc(cached_tokens)
+
+    def observe_prefix_index(self, counters: dict[str, int], placed: dict[str, int], hits: dict[str, int]) -> None:
+        for name, value in counters.items():
+            self.prefix_index.labels(self.model_name, name).set(value)
+        for role, value in placed.items():
+            self.prefix_predicted.labels(self.model_name, role, "placed").set(value)
+            self.prefix_predicted.labels(self.model_name, role, "hit").set(hits.get(role, 0))
 
     def observe_restart(self, stats: EngineStats) -> None:
         self.restarts.labels(self.model_name, stats.instance_id, stats.role.value).inc()

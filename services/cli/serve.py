@@ -59,7 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--host", help="Listen address (default 127.0.0.1).")
     w.add_argument("--port", type=int, help="Listen port (default 8000; 0 picks a free one).")
     w.add_argument("--api-key", help="Require `Authorization: Bearer KEY` (or set PDSERVE_API_KEY).")
-    w.add_argument("--routing-policy", help="round_robin, least_loaded (default), kv_jsq or splitwise.")
+    w.add_argument("--routing-policy", "--policy", dest="routing_policy",
+                   help="round_robin, least_loaded (default), kv_jsq, splitwise or prefix_aware.")
+    w.add_argument("--prefix-index", choices=["events", "sent"],
+                   help="prefix_aware: follow the engines' KV events (default) or the router's own placements.")
     w.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="Log level (default info).")
     r = parser.add_argument_group("ray")
     r.add_argument("--address", help="Join this Ray cluster (e.g. auto); default: start a local one.")
@@ -78,6 +81,7 @@ _FLAG_PATHS = {
     "cpus_per_instance": ("pools", "cpus_per_instance"), "gpus_per_instance": ("pools", "gpus_per_instance"),
     "host": ("gateway", "host"), "port": ("gateway", "port"), "api_key": ("gateway", "api_key"),
     "routing_policy": ("gateway", "routing_policy"), "log_level": ("gateway", "log_level"),
+    "prefix_index": ("prefix_routing", "index"),
     "address": ("ray", "address"), "ray_num_cpus": ("ray", "num_cpus"),
 }
 

@@ -176,6 +176,9 @@ def _install_routes(app: FastAPI, state: GatewayState) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         state.metrics.observe_handoffs(state.router.handoff_counters)
+        prefix = state.router.prefix
+        if prefix is not None:
+            state.metrics.observe_prefix_index(prefix.counters(), prefix.tokens, prefix.hit_tokens)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     if os.environ.get("PDSERVE_FAULT_HOOKS") == "1":

@@ -94,7 +94,7 @@ def _response(generation: Generation, model_name: str, choices: list[ChoiceState
         token_ids=choice.token_ids if return_token_ids else None,
     ) for index, choice in enumerate(choices)]
     return ChatCompletionResponse(id=generation.request_id, model=model_name, choices=out,
-                                  usage=usage(generation.num_prompt_tokens, generation.num_output_tokens),
+                                  usage=usage(generation.num_prompt_tokens, generation.num_output_tokens, generation.num_cached_tokens),
                                   prompt_token_ids=generation.prompts[0] if return_token_ids else None)
 
 
@@ -120,4 +120,4 @@ async def _chunks(generation: Generation, model_name: str, include_usage: bool) 
                 index=index, delta=DeltaMessage(content=delta.text), logprobs=_logprobs(delta.logprobs),
                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)])
     if include_usage:
-        yield chunk([], usage=usage(generation.num_prompt_tokens, generation.num_output_tokens))
+        yield chunk([], usage=usage(generation.num_prompt_tokens, generation.num_output_tokens, generation.num_cached_tokens))

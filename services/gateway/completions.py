@@ -88,7 +88,7 @@ def _response(generation: Generation, model_name: str, choices: list[ChoiceState
             prompt_token_ids=generation.prompts[index // generation.n] if return_token_ids else None,
         ))
     return CompletionResponse(id=generation.request_id, model=model_name, choices=out,
-                              usage=usage(generation.num_prompt_tokens, generation.num_output_tokens))
+                              usage=usage(generation.num_prompt_tokens, generation.num_output_tokens, generation.num_cached_tokens))
 
 
 async def _chunks(generation: Generation, model_name: str, echo: list[str] | None,
@@ -111,4 +111,4 @@ async def _chunks(generation: Generation, model_name: str, echo: list[str] | Non
     if include_usage:
         yield event(CompletionStreamResponse(
             id=generation.request_id, object="text_completion", created=created, model=model_name, choices=[],
-            usage=usage(generation.num_prompt_tokens, generation.num_output_tokens)))
+            usage=usage(generation.num_prompt_tokens, generation.num_output_tokens, generation.num_cached_tokens)))

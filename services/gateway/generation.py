@@ -57,6 +57,10 @@ class Generation:
     life: RequestLifecycle = field(init=False)
     finish_reasons: list[str] = field(default_factory=list)
     _placements: list[Route] = field(default_factory=list)
+    # Per prompt: the prompt tokens its first delta says were not computed (vLLM's num_cached_tokens). The
+    # first delta is from the engine that computed the prompt (P under disaggregation): D's own count would
+    # include the KV it received.
+    _cached: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.life = RequestLifecycle(self.request_id, num_prompt_tokens=sum(map(len, self.prompts)))
@@ -80,7 +84,7 @@ class Generation:
         Called before any response byte is sent, so a refusal keeps its HTTP status.
         """
         try:
-            self._placements = [self.router.place(RequestInfo(f"{self.request_id}-{i}", len(p), self.max_tokens))
+            self._placements = [self.router.place(RequestInfo(f"{self.request_id}-{i}", len(p), self.max_tokens), p)
                                 for i, p in enumerate(self.prompts)]
         except PdserveError:
             self.reject()
@@ -104,6 +108,7 @@ class Generation:
                 if isinstance(item, BaseException):
                     raise item
                 self._record(item)
+                self._record_cached(prompt_index, item)
                 yield prompt_index * self.n + item.index, item
             outcome = Outcome.OK
         except (asyncio.CancelledError, GeneratorExit):
@@ -123,6 +128,17 @@ class Generation:
         request = EngineRequest(f"{self.request_id}-{prompt_index}", prompt, self.sampling_params)
         with self.router.track(route, len(prompt)):
             await drain(lambda: self.router.stream(route, request), queue, prompt_index)
+
+    def _record_cached(self, prompt_index: int, delta: OutputDelta) -> None:
+        if prompt_index in self._cached or not delta.num_prompt_tokens:
+            return  # counted once per prompt (n > 1 choices share it); error deltas carry no counts
+        self._cached[prompt_index] = delta.num_cached_tokens
+        route = self._placements[prompt_index]
+        self.metrics.observe_prefix(route.prefill.info.role, delta.num_prompt_tokens, delta.num_cached_tokens)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return sum(self._cached.values())
 
     def _record(self, delta: OutputDelta) -> None:
         self.life.mark_tokens(len(delta.token_ids))

@@ -27,8 +27,10 @@ def error_event(exc: PdserveError) -> str:
     return f"data: {json.dumps(error_body(exc.message, exc.error_type, int(exc.status), exc.param))}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Any:
-    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> Any:
+    """OpenAI usage; `cached_tokens`: prompt tokens no engine computed for this request (prefix cache hits)."""
+    from vllm.entrypoints.serve.engine.protocol import PromptTokenUsageInfo, UsageInfo
 
+    details = PromptTokenUsageInfo(cached_tokens=cached_tokens) if cached_tokens is not None else None
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+                     total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)

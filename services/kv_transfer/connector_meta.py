@@ -36,6 +36,7 @@ class SendSpec:
     local_block_ids: list[int]
     remote_block_ids: list[int]
     timeout_s: float
+    skipped_blocks: int = 0  # leading prompt blocks D held already (its prefix cache): not sent, counted as saved
 
 
 @dataclass

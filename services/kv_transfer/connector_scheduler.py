@@ -152,7 +152,7 @@ class PDSchedulerSide:
                       len(p.decode_block_ids))
             return
         self._meta.sends.append(SendSpec(rid, p.transfer_id, list(p.decode_endpoints), local, p.decode_block_ids,
-                                         self.transfer_timeout_s))
+                                         self.transfer_timeout_s, skipped_blocks=p.first_block))
         self._sending.add(rid)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:

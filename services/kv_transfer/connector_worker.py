@@ -47,7 +47,7 @@ from pdserve.kv_transfer.registry import EndpointRegistry
 log = logging.getLogger(__name__)
 
 COUNTERS = ("recv_done", "recv_failed", "recv_aborted", "send_done", "send_failed", "bytes_sent", "blocks_sent",
-            "transfer_s", "exposed_s")
+            "bytes_saved", "blocks_saved", "transfer_s", "exposed_s")
 
 
 def detect_order(kv: torch.Tensor, head_dim: int) -> str:
@@ -222,9 +222,14 @@ class PDWorkerSide:
             if send.first_layer_at is None:
                 send.first_layer_at = time.monotonic()
             send.layers_sent += 1
-            self.counters["bytes_sent"] += blocks.numel() * blocks.element_size()
+            sent = blocks.numel() * blocks.element_size()
+            self.counters["bytes_sent"] += sent
+            if send.spec.skipped_blocks:
+                # What D's prefix cache spared this layer: its blocks are the size of the ones sent.
+                self.counters["bytes_saved"] += sent // len(send.spec.local_block_ids) * send.spec.skipped_blocks
             if layer == 0:
                 self.counters["blocks_sent"] += len(send.spec.local_block_ids)
+                self.counters["blocks_saved"] += send.spec.skipped_blocks
 
     # -- per step, after the forward ------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:

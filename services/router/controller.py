@@ -19,12 +19,13 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Rejection, RequestInfo
 from pdserve.kv_transfer.reservations import ReservationSource
 from pdserve.router.handoff import Handoff
+from pdserve.router.prefix_tracker import PrefixTracker
 from pdserve.shared.errors import CapacityError, ConfigError, ContextLengthExceededError
 from pdserve.shared.protocol import EngineRequest, EngineStats, OutputDelta
 from pdserve.shared.roles import InstanceState
@@ -54,7 +55,8 @@ class Router:
                  on_stats: Callable[[EngineStats], None] | None = None,
                  inbox: ReservationSource | None = None, reservation_timeout_s: float = 300.0,
                  transfer_timeout_s: float = 30.0,
-                 on_restart: Callable[[EngineStats], None] | None = None, restart_backoff_s: float = 1.0) -> None:
+                 on_restart: Callable[[EngineStats], None] | None = None, restart_backoff_s: float = 1.0,
+                 prefix: PrefixTracker | None = None) -> None:
         if not clients:
             raise ValueError("the router needs at least one instance")
         self.clients = {c.instance_id: c for c in clients}
@@ -74,8 +76,11 @@ class Router:
         self._next_restart: dict[str, tuple[float, float]] = {}  # instance -> (not before, next backoff)
         self.restarts: dict[str, int] = {iid: 0 for iid in self.clients}
         self._stats_failures: dict[str, int] = {}
+        self.prefix = prefix  # the prefix index (prefix-aware routing); None: snapshots carry no prefix hits
 
-    def snapshot(self) -> ClusterSnapshot:
+    def snapshot(self, prefix: dict[str, int] | None = None) -> ClusterSnapshot:
+        """The instances' latest stats; `prefix`: leading prompt blocks each holds, for one request."""
+        prefix = prefix or {}
         instances = tuple(
             InstanceSnapshot(
                 instance_id=stats.instance_id,
@@ -88,6 +93,7 @@ class Router:
                 kv_blocks_total=stats.kv_blocks_total,
                 kv_blocks_free=stats.kv_blocks_free,
                 block_size=self.clients[stats.instance_id].info.block_size,
+                prefix_blocks=prefix.get(stats.instance_id, 0),
             )
             for stats in self.latest_stats()
         )
@@ -103,13 +109,26 @@ class Router:
             out.append(dataclasses.replace(stats, restarts=self.restarts[iid]))
         return out
 
-    def place(self, request: RequestInfo) -> Route:
-        """The instances to run `request` on; raises if it cannot be placed."""
-        decision = self.policy.decide(request, self.snapshot())
+    def place(self, request: RequestInfo, prompt_token_ids: Sequence[int] | None = None) -> Route:
+        """The instances to run `request` on; raises if it cannot be placed.
+
+        With a prefix index and the prompt's tokens, the snapshot says how much
+        of the prompt each instance holds (counts only: the policy sees no tokens).
+        """
+        keys, prefix, now = [], {}, time.monotonic()
+        if self.prefix is not None and prompt_token_ids:
+            block_size = next(iter(self.clients.values())).info.block_size  # one size on every pool
+            keys = self.prefix.keys(prompt_token_ids, block_size)
+            prefix = self.prefix.lookup(keys, list(self.clients), now)
+        decision = self.policy.decide(request, self.snapshot(prefix))
         if isinstance(decision, Rejection):
             if decision.retryable:
                 raise CapacityError(decision.reason)
             raise ContextLengthExceededError(decision.reason)
+        if self.prefix is not None and keys:
+            self.prefix.placed(decision, keys, prefix, request.prompt_tokens,
+                               self.clients[decision.decode].info.block_size,
+                               {iid: c.info.role for iid, c in self.clients.items()}, now)
         return Route(prefill=self.clients[decision.prefill], decode=self.clients[decision.decode])
 
     def stream(self, route: Route, request: EngineRequest) -> AsyncIterator[OutputDelta]:
@@ -176,11 +195,15 @@ class Router:
         self.restarts[iid] += 1
         stats = EngineStats(iid, client.info.role, kv_blocks_total=client.info.kv_blocks_total)
         self._stats[iid] = stats  # the next poll brings its real figures
+        if self.prefix is not None:
+            self.prefix.restarted(client.info)  # the old engine's cache died with it
         if self._on_restart is not None:
             self._on_restart(stats)
         logger.info("instance %s is back", iid)
 
     def start(self, interval_s: float) -> None:
+        if self.prefix is not None:
+            self.prefix.start([c.info for c in self.clients.values()])
         async def poll() -> None:
             while True:
                 await self.refresh()
@@ -195,3 +218,5 @@ class Router:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+        if self.prefix is not None:
+            self.prefix.close()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pdserve.router.policy import LeastLoaded, PlacementPolicy, RoundRobin, ShortestQueueKV
+from pdserve.router.prefix_policy import PrefixAware
 from pdserve.router.splitwise import SplitwiseMixedPool
 
+if TYPE_CHECKING:
+    from pdserve.shared.config import PrefixRoutingConfig
+
 POLICIES: dict[str, Callable[[], PlacementPolicy]] = {
-    cls.name: cls for cls in (RoundRobin, LeastLoaded, ShortestQueueKV, SplitwiseMixedPool)
+    cls.name: cls for cls in (RoundRobin, LeastLoaded, ShortestQueueKV, SplitwiseMixedPool, PrefixAware)
 }
 
 
@@ -21,3 +25,8 @@ def make_policy(name: str) -> PlacementPolicy:
         return POLICIES[name]()
     except KeyError:
         raise UnknownPolicyError(f"unknown routing policy {name!r}; choose from {sorted(POLICIES)}") from None
+
+
+def make_prefix_policy(config: "PrefixRoutingConfig") -> PlacementPolicy:
+    """The prefix-aware policy with its configured weights over its configured base policy."""
+    return PrefixAware(config, base=make_policy(config.base_policy))

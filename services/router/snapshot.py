@@ -27,6 +27,9 @@ class InstanceSnapshot:
     kv_blocks_free: int = 0
     block_size: int = 16
     hardware: str = ""  # free-form machine type, e.g. "a100" (for heterogeneous pools)
+    # Leading blocks of the request being placed that the instance holds in its prefix cache (the
+    # router's prefix index; 0 when unknown). Per request: snapshots are built for one decision.
+    prefix_blocks: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -36,6 +39,10 @@ class InstanceSnapshot:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def prefix_tokens(self, prompt_tokens: int) -> int:
+        """Prompt tokens the instance need not compute (vLLM always computes the last one)."""
+        return max(0, min(self.prefix_blocks * self.block_size, prompt_tokens - 1))
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def connector_config(instance_id: str, kv: KVTransferConfig) -> dict[str, Any]:
     }
 
 
-def build_engine_args(config: EngineConfig, kv_transfer_config: dict[str, Any] | None = None) -> Any:
+def build_engine_args(config: EngineConfig, kv_transfer_config: dict[str, Any] | None = None,
+                      kv_events_config: dict[str, Any] | None = None) -> Any:
     """`AsyncEngineArgs` from our config; unknown pass-through names are refused."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
@@ -97,6 +98,10 @@ def build_engine_args(config: EngineConfig, kv_transfer_config: dict[str, Any] |
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if kv_transfer_config is not None:
         kwargs["kv_transfer_config"] = kv_transfer_config
+    if kv_events_config is not None:  # the router's prefix index follows these (worker.kv_events)
+        from vllm.config.kv_events import KVEventsConfig
+
+        kwargs["kv_events_config"] = KVEventsConfig(**kv_events_config)
     kwargs.update(config.engine_args)
     # Every instance can continue a request from a token another one sampled
     # (P -> D handoffs, restarts from P's token): see kv_transfer.first_token.
@@ -214,7 +219,14 @@ class EngineWorker:
 
             # Resolved here, in the actor: the node this instance landed on is the one to advertise.
             connector = connector_config(self.instance_id, resolve_hosts(self.kv, node_address()))
-        args = build_engine_args(self.config, connector)
+        events = None
+        if self.config.publish_kv_events:
+            from pdserve.kv_transfer.ports import node_address
+            from pdserve.worker.kv_events import pick_endpoints
+
+            # Fresh ports per start: a restarted engine's publisher starts its sequence again.
+            events = pick_endpoints(node_address(), self.kv.port_range if self.kv else None)
+        args = build_engine_args(self.config, connector, events.vllm_config(self.instance_id) if events else None)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
         vllm_config = self._engine.vllm_config
         self._info = EngineInfo(
@@ -225,6 +237,8 @@ class EngineWorker:
             block_size=vllm_config.cache_config.block_size,
             kv_blocks_total=vllm_config.cache_config.num_gpu_blocks or 0,
             max_logprobs=vllm_config.model_config.max_logprobs,
+            kv_events_endpoint=events.endpoint if events else None,
+            kv_events_replay_endpoint=events.replay_endpoint if events else None,
         )
         self._state = InstanceState.READY
         self._answered_at = time.monotonic()
