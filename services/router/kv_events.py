@@ -189,19 +189,31 @@ class KVEventSubscriber:
                 frames = watch.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            seq = self._apply(watch, frames)
-            if seq is None:
+            seq = self._sequence(frames)
+            if seq is not None and seq <= watch.last_seq:
+                # The live stream is in order: going back means a new publisher (engine) at this endpoint.
+                logger.warning("KV events of %s restarted at %d after %d: its cache is gone",
+                               watch.instance_id, seq, watch.last_seq)
+                self.index.restart_sequence(watch.instance_id, watch.epoch)
+                watch.last_seq = -1
+            if self._apply(watch, frames) is None:
                 continue
-            if watch.last_seq >= 0 and seq > watch.last_seq + 1 and not seq == 0:
+            if watch.last_seq >= 0 and seq > watch.last_seq + 1:
                 self._ask_replay(watch, watch.last_seq + 1)
-            watch.last_seq = seq if seq == 0 else max(watch.last_seq, seq)
+            watch.last_seq = seq
+
+    @staticmethod
+    def _sequence(frames: list[bytes]) -> int | None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            return None
+        return int.from_bytes(frames[1], "big", signed=True)
 
     def _apply(self, watch: _Watch, frames: list[bytes]) -> int | None:
         """Apply one (topic, seq, payload) message; its sequence number, or None if malformed."""
-        if len(frames) != 3 or len(frames[1]) != 8:
+        seq = self._sequence(frames)
+        if seq is None:
             self._malformed(watch, f"{len(frames)} frames")
             return None
-        seq = int.from_bytes(frames[1], "big", signed=True)
         try:
             events = parse_batch(frames[2])
         except MalformedEvent as exc:

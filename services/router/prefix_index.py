@@ -23,7 +23,8 @@ an event older than what a block already saw is ignored; AllBlocksCleared
 drops everything older than itself. So events applied out of order give the
 state applying them in order would. An instance whose engine restarts (its
 cache is gone) is `reset`: a new epoch, its blocks dropped, and events still
-in flight from the old engine (older epoch) ignored.
+in flight from the old engine (older epoch) ignored. A publisher whose
+sequence starts again on the live stream (`restart_sequence`) also drops it.
 """
 
 from __future__ import annotations
@@ -126,18 +127,23 @@ class EventIndex(PrefixIndex):
                 self._counters["stale_epoch"] += 1  # from an engine this instance no longer runs
                 return
             self._check_seq(instance_id, held, seq)
-            held = self._held[instance_id]
             for i, event in enumerate(events):
                 self._counters["events"] += 1
                 self._apply_one(held, (seq, i), event)
 
+    def restart_sequence(self, instance_id: str, epoch: int) -> None:
+        """The engine's publisher began its sequence again (a new engine the controller did not restart).
+
+        Only the subscriber can tell: its live stream is in order, so a number going back is a new
+        publisher, whereas `apply` must accept late batches. The cache went with the old engine.
+        """
+        with self._lock:
+            held = self._state(instance_id)
+            if epoch == held.epoch:
+                self._counters["seq_restarts"] += 1
+                self._held[instance_id] = _Held(epoch=epoch)
+
     def _check_seq(self, instance_id: str, held: _Held, seq: int) -> None:
-        if seq == 0 and held.last_seq > 0:
-            # A publisher starts again at 0: a new engine behind the same endpoint, with an empty cache.
-            self._counters["seq_restarts"] += 1
-            self._held[instance_id] = _Held(epoch=held.epoch)
-            self._held[instance_id].last_seq = 0
-            return
         if seq > held.last_seq + 1 and held.last_seq >= 0:
             self._counters["seq_gaps"] += 1  # batches lost or late: the subscriber asks for a replay
         held.last_seq = max(held.last_seq, seq)
