@@ -122,6 +122,7 @@ def serve(config: ServeConfig) -> int:
     from pdserve.kv_transfer.ports import node_address, resolve_hosts
     from pdserve.kv_transfer.reservations import ReservationInbox
     from pdserve.router.controller import Router
+    from pdserve.router.scaling import Scaler
     from pdserve.shared.metrics import Metrics
     from pdserve.worker.pool import start_pools, stop_pools
 
@@ -152,8 +153,10 @@ def serve(config: ServeConfig) -> int:
                         reservation_timeout_s=config.kv_transfer.reservation_timeout_s,
                         transfer_timeout_s=config.kv_transfer.transfer_timeout_s)
         api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None
+        scaler = Scaler(router, pools.factory, disaggregated=inbox is not None,
+                        drain_timeout_s=config.pools.drain_timeout_s)
         state = GatewayState(model, router, metrics, api_key=api_key,
-                             stats_interval_s=config.gateway.stats_interval_s)
+                             stats_interval_s=config.gateway.stats_interval_s, scaler=scaler)
         server = GatewayServer(create_app(state), config.gateway.host, config.gateway.port,
                                config.gateway.log_level)
         # uvicorn handles SIGINT/SIGTERM while serving, then re-raises the signal

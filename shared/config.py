@@ -131,6 +131,9 @@ class PoolsConfig(_Strict):
     cpus_per_instance: float = Field(1.0, gt=0, description="Ray CPUs each instance reserves, unless its pool says.")
     gpus_per_instance: float = Field(
         0.0, ge=0, description="Ray GPUs each instance reserves unless its pool says (0 on CPU machines).")
+    drain_timeout_s: float = Field(
+        600.0, gt=0, description="Scaling down: longest wait for a leaving instance's requests to finish "
+                                 "before it is stopped anyway.")
     bind_cores: bool = Field(
         True, description="CPU instances on a local Ray bind their compute threads to cores of their own "
                           "(cpus_per_instance each, in instance order), so a prefill and a decode instance never "

@@ -28,6 +28,7 @@ class InstanceState(str, enum.Enum):
     READY = "ready"  # serving
     DEAD = "dead"  # the engine core (or the actor) died; requests on it failed; a restart is due
     RESTARTING = "restarting"  # the controller is bringing a new engine up
+    DRAINING = "draining"  # leaving (scale-down): its requests finish, no new ones are placed on it
 
     @property
     def serving(self) -> bool:

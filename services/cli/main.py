@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pdserve.cli.serve", "Serve a model behind an OpenAI-compatible gateway."),
+    "scale": ("pdserve.cli.scale", "Add or remove engine instances of a running server."),
     "bench": ("pdserve.loadgen.cli", "Benchmark any OpenAI-compatible endpoint (traces, synthetic load)."),
     "plan": ("pdserve.planner.cli", "Simulate and size prefill/decode pools for a trace and SLO."),
     "simulate": ("pdserve.planner.simulate", "Simulate one cluster design on a workload; bench-compatible results."),

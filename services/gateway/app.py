@@ -28,7 +28,9 @@ from pdserve import __version__
 from pdserve.gateway.handler import as_invalid_request, client_errors
 from pdserve.gateway.model import ServedModel
 from pdserve.gateway.sse import error_body
+from pdserve.gateway.admin import install_admin_routes
 from pdserve.router.controller import Router
+from pdserve.router.scaling import Scaler
 from pdserve.shared.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError, PdserveError
 from pdserve.shared.metrics import Metrics
 
@@ -42,6 +44,7 @@ class GatewayState:
     metrics: Metrics
     api_key: str | None = None
     stats_interval_s: float = 0.5
+    scaler: Scaler | None = None  # adds and removes instances while serving (`/admin/scale`)
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -50,6 +53,8 @@ def create_app(state: GatewayState) -> FastAPI:
         await state.router.refresh()
         state.router.start(state.stats_interval_s)
         yield
+        if state.scaler is not None:
+            await state.scaler.close()
         await state.router.close()
 
     app = FastAPI(title="pdserve", version=__version__, lifespan=lifespan)
@@ -57,6 +62,7 @@ def create_app(state: GatewayState) -> FastAPI:
     _install_error_handlers(app)
     _install_auth(app, state.api_key)
     _install_routes(app, state)
+    install_admin_routes(app, state)
     return app
 
 
@@ -87,7 +93,7 @@ def _install_auth(app: FastAPI, api_key: str | None) -> None:
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
+        if request.url.path.startswith(("/v1/", "/admin/")):
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):

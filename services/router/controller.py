@@ -75,6 +75,7 @@ class Router:
         self._restarting: dict[str, asyncio.Task] = {}
         self._next_restart: dict[str, tuple[float, float]] = {}  # instance -> (not before, next backoff)
         self.restarts: dict[str, int] = {iid: 0 for iid in self.clients}
+        self.draining: set[str] = set()  # leaving: placed on no more
         self._stats_failures: dict[str, int] = {}
         self.prefix = prefix  # the prefix index (prefix-aware routing); None: snapshots carry no prefix hits
 
@@ -106,6 +107,8 @@ class Router:
             stats = self._stats.get(iid) or EngineStats(iid, client.info.role, kv_blocks_total=client.info.kv_blocks_total)
             if iid in self._restarting:
                 stats = dataclasses.replace(stats, healthy=False, state=InstanceState.RESTARTING)
+            elif iid in self.draining:
+                stats = dataclasses.replace(stats, healthy=False, state=InstanceState.DRAINING)
             out.append(dataclasses.replace(stats, restarts=self.restarts[iid]))
         return out
 
@@ -149,13 +152,19 @@ class Router:
         try:
             yield
         finally:
-            self._outstanding[decode] -= 1
-            self._outstanding_prompt[prefill] -= prompt_tokens
+            # An instance removed after its drain timed out has no counters left to decrement.
+            if decode in self._outstanding:
+                self._outstanding[decode] -= 1
+            if prefill in self._outstanding_prompt:
+                self._outstanding_prompt[prefill] -= prompt_tokens
 
     async def refresh(self) -> None:
         """Fetch every instance's stats once; start repairing the dead ones."""
-        results = await asyncio.gather(*(c.stats() for c in self.clients.values()), return_exceptions=True)
-        for (iid, client), result in zip(self.clients.items(), results):
+        clients = list(self.clients.items())  # instances may come and go while the stats are fetched
+        results = await asyncio.gather(*(c.stats() for _, c in clients), return_exceptions=True)
+        for (iid, client), result in zip(clients, results):
+            if iid not in self.clients:
+                continue  # removed meanwhile
             if isinstance(result, BaseException):
                 # Unhealthy at once; dead (and restarted) only if it keeps failing: one lost RPC
                 # must not cost a healthy engine its restart.
@@ -200,6 +209,45 @@ class Router:
         if self._on_restart is not None:
             self._on_restart(stats)
         logger.info("instance %s is back", iid)
+
+    # -- the live registry: instances join when ready and leave drained -------------------------
+    def register(self, client: EngineClient) -> None:
+        """A started instance joins: the next placement may use it."""
+        iid = client.instance_id
+        if iid in self.clients:
+            raise ConfigError(f"instance {iid} is registered already")
+        self.clients[iid] = client
+        self._outstanding[iid], self._outstanding_prompt[iid], self.restarts[iid] = 0, 0, 0
+        self._stats[iid] = EngineStats(iid, client.info.role, kv_blocks_total=client.info.kv_blocks_total)
+        if self.prefix is not None:
+            self.prefix.restarted(client.info)  # its cache starts empty
+        logger.info("instance %s (%s) registered", iid, client.info.role.value)
+
+    async def drain(self, iid: str, timeout_s: float) -> bool:
+        """Stop placing on `iid` and wait (up to `timeout_s`) for its requests to end; True if they did."""
+        if iid not in self.clients:
+            raise ConfigError(f"no instance {iid}")
+        self.draining.add(iid)
+        deadline = time.monotonic() + timeout_s
+        while self._outstanding.get(iid, 0) or self._outstanding_prompt.get(iid, 0):
+            if time.monotonic() >= deadline:
+                logger.warning("instance %s: drain timed out after %.0f s with requests left", iid, timeout_s)
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    def unregister(self, iid: str) -> EngineClient:
+        """Forget `iid` (drained or dead for good); returns its client for the caller to stop."""
+        client = self.clients.pop(iid)
+        for table in (self._outstanding, self._outstanding_prompt, self.restarts, self._stats,
+                      self._stats_failures, self._next_restart):
+            table.pop(iid, None)
+        self.draining.discard(iid)
+        task = self._restarting.pop(iid, None)
+        if task is not None:
+            task.cancel()
+        logger.info("instance %s left", iid)
+        return client
 
     def start(self, interval_s: float) -> None:
         if self.prefix is not None:
