@@ -19,6 +19,7 @@ cache spared (`pdserve:kv_transfer_bytes_saved_total`), and the sum of
 
     python scripts/bench_prefix.py
     python scripts/bench_prefix.py --conversations 8 --turns 4 --turn-tokens 256 --decode 2
+    python scripts/bench_prefix.py --prefill 2 --policies least_loaded prefix_aware prefix_aware:sent
 """
 
 from __future__ import annotations
@@ -119,10 +120,12 @@ def server_figures(url: str) -> dict:
 
 def run_policy(policy: str, args: argparse.Namespace) -> dict:
     max_len = args.turns * args.turn_tokens + args.max_tokens + 64
-    flags = ["--prefill", str(args.prefill), "--decode", str(args.decode), "--routing-policy", policy,
+    name, _, index = policy.partition(":")  # prefix_aware:sent = the approximate index
+    flags = ["--prefill", str(args.prefill), "--decode", str(args.decode), "--routing-policy", name,
+             *(["--prefix-index", index] if index else []),
              "--max-model-len", str(max_len), "--kv-cache-memory-bytes", str(args.kv_bytes),
              "--log-level", "warning"]
-    server = ServeProcess(flags, Path(args.log_dir) / f"bench_prefix_{policy}.log")
+    server = ServeProcess(flags, Path(args.log_dir) / f"bench_prefix_{name}_{index or 'default'}.log")
     try:
         server.wait_ready()
         one_turn(server.url, [5] * 32, 2)  # warm-up (32 tokens: not a prefix of any conversation)
@@ -141,7 +144,8 @@ ROWS = [("TTFT p50 ms", "ttft_p50", 1e3), ("TTFT p99 ms", "ttft_p99", 1e3), ("re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policies", nargs="+", default=["least_loaded", "prefix_aware"])
+    parser.add_argument("--policies", nargs="+", default=["least_loaded", "prefix_aware"],
+                        help="routing policies; prefix_aware:sent uses the approximate index")
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--turn-tokens", type=int, default=256)

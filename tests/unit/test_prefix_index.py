@@ -222,3 +222,42 @@ def test_subscriber_follows_vllms_zmq_publisher():
     finally:
         sub.close()
         pub.shutdown()
+
+
+def test_subscriber_asks_for_a_replay_of_a_gap_and_applies_it():
+    """A publisher we drive by hand: batch 1 is lost on the live stream and comes back by replay."""
+    import msgspec
+    import zmq
+
+    from pdserve.worker.kv_events import pick_endpoints
+
+    def batch(*keys):
+        return msgspec.msgpack.encode([0.0, [{"type": "BlockStored", "block_hashes": list(keys),
+                                              "parent_block_hash": 1, "token_ids": [], "block_size": BS,
+                                              "medium": "GPU"}]])
+
+    ends = pick_endpoints("127.0.0.1")
+    ctx = zmq.Context()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    pub.bind(f"tcp://127.0.0.1:{ends.publish_port}")
+    router.bind(f"tcp://127.0.0.1:{ends.replay_port}")
+    router.setsockopt(zmq.RCVTIMEO, 5000)
+    index = EventIndex()
+    sub = KVEventSubscriber(index, poll_timeout_s=0.02, recv_timeout_s=2.0)
+    sub.start()
+    try:
+        sub.watch("d0", ends.endpoint, ends.replay_endpoint, 0)
+        seq = (0).to_bytes(8, "big")
+        assert _wait_for(lambda: pub.send_multipart((b"", seq, batch(11))) or index.match("d0", [11], 0) == 1)
+        pub.send_multipart((b"", (2).to_bytes(8, "big"), batch(13)))
+        ident, empty, start = router.recv_multipart()
+        assert empty == b"" and int.from_bytes(start, "big") == 1
+        router.send_multipart((ident, b"", b"", (1).to_bytes(8, "big"), batch(12)))
+        router.send_multipart((ident, b"", b"", (-1).to_bytes(8, "big", signed=True), b""))
+        assert _wait_for(lambda: index.match("d0", [11, 12, 13], 0) == 3)
+        assert sub.counters["replays"] == 1 and index.counters()["seq_gaps"] == 1
+    finally:
+        sub.close()
+        pub.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
