@@ -40,6 +40,7 @@ once. Every request ends either finished or rejected with the policy's reason.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -51,6 +52,7 @@ from pydantic import BaseModel, Field
 
 from pdserve.planner.links import SharedLinks
 from pdserve.planner.perf_model import PerfModel
+from pdserve.planner.prefix_cache import PrefixCacheModel, Sessions
 from pdserve.planner.trace import Trace
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Placement, RequestInfo
@@ -141,6 +143,8 @@ class SimResult:
     busy_fraction: dict  # instance id -> busy time / makespan
     wall_s: float
     events: int
+    prefill_computed: np.ndarray | None = None  # prompt tokens prefilled (prompt minus prefix-cache hits)
+    kv_sent_tokens: np.ndarray | None = None  # tokens of KV handed to decode (0 colocated; minus D's hit)
 
     @property
     def finished(self) -> np.ndarray:
@@ -192,10 +196,16 @@ class Simulator:
         self.seq += 1
         heapq.heappush(self.events, (t, self.seq, kind, a, b))
 
-    def run(self, trace: Trace) -> SimResult:
+    def run(self, trace: Trace, sessions: Sessions | None = None) -> SimResult:
+        """Simulate the trace; with `sessions`, every instance has a prefix cache (`prefix_cache`)."""
         wall0 = time.perf_counter()
         n = len(trace)
         self.arrival, self.prompt, self.output = trace.arrival, trace.prompt.tolist(), trace.output.tolist()
+        self.cache = PrefixCacheModel([i.spec.kv_tokens for i in self.inst]) if sessions is not None else None
+        self.session = sessions.session.tolist() if sessions is not None else [-1] * n
+        self.shared = sessions.shared.tolist() if sessions is not None else [0] * n
+        self.compute = list(self.prompt)  # prompt tokens the prefill instance computes
+        self.kv_sent = [0] * n
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
         self.handoff = np.zeros(n)
@@ -225,7 +235,7 @@ class Simulator:
         return SimResult(trace.arrival, trace.prompt, trace.output, self.first_token, self.finish, self.handoff,
                          np.array([p is not None and p[0] == p[1] for p in self.placement]), self.reasons,
                          {i.spec.instance_id: i.busy_time / makespan for i in self.inst},
-                         time.perf_counter() - wall0, count)
+                         time.perf_counter() - wall0, count, np.array(self.compute), np.array(self.kv_sent))
 
     # ---- router side
     def _snapshot(self, now: float) -> ClusterSnapshot:
@@ -243,7 +253,14 @@ class Simulator:
 
     def _decide(self, r: int, now: float):
         info = RequestInfo(str(r), self.prompt[r], self.output[r], float(self.arrival[r]))
-        return self.policy.decide(info, self._snapshot(now))
+        snapshot = self._snapshot(now)
+        if self.cache is not None and self.session[r] >= 0:
+            # The request's own prefix hits, per instance: what the live controller's index puts there.
+            bs = self.cfg.block_size
+            snapshot = ClusterSnapshot(tuple(dataclasses.replace(
+                s, prefix_blocks=self.cache.held(k, self.session[r], self.shared[r]) // bs)
+                for k, s in enumerate(snapshot.instances)), now)
+        return self.policy.decide(info, snapshot)
 
     def _arrive(self, r: int, now: float) -> None:
         self.admission.append(r)
@@ -294,8 +311,16 @@ class Simulator:
         dec.kv_free -= self._blocks(r)
         if p != d:
             pre.outstanding += 1
+        if self.cache is not None:  # vLLM computes at least the prompt's last token
+            bs = self.cfg.block_size
+            held = self.cache.held(p, self.session[r], self.shared[r]) // bs * bs
+            self.compute[r] = self.prompt[r] - min(held, self.prompt[r] - 1)
+            if p != d:
+                self.kv_sent[r] = self.prompt[r] - self.cache.held(d, self.session[r], self.shared[r]) // bs * bs
+        elif p != d:
+            self.kv_sent[r] = self.prompt[r]
         pre.prefill_queue.append(r)
-        pre.pending_prefill_tokens += self.prompt[r]
+        pre.pending_prefill_tokens += self.compute[r]
         self._dirty.add(pre.pos)
         self._wake(pre, now)
 
@@ -323,11 +348,11 @@ class Simulator:
         running = len(inst.finish_heap)
         if inst.prefill_queue:
             batch, tokens = [], 0
-            while inst.prefill_queue and (not batch or tokens + self.prompt[inst.prefill_queue[0]]
+            while inst.prefill_queue and (not batch or tokens + self.compute[inst.prefill_queue[0]]
                                           <= self.cfg.max_prefill_tokens):
                 r = inst.prefill_queue.popleft()
                 batch.append(r)
-                tokens += self.prompt[r]
+                tokens += self.compute[r]
             duration = inst.spec.perf.prefill_time(tokens + running)
             inst.kind, inst.batch, inst.batch_tokens, inst.rides_along = 1, batch, tokens, running > 0
         elif running:
@@ -368,9 +393,12 @@ class Simulator:
 
     def _prefilled(self, inst: _Instance, r: int, now: float) -> None:
         self.first_token[r] = now
-        inst.pending_prefill_tokens -= self.prompt[r]
+        inst.pending_prefill_tokens -= self.compute[r]
         self._dirty.add(inst.pos)
         p, d = self.placement[r]
+        if self.cache is not None:  # both now hold the prompt (D once the KV lands; close enough)
+            for k in {p, d}:
+                self.cache.store(k, self.session[r], self.prompt[r])
         if self.output[r] <= 1:
             self._finish(r, now)
             return
@@ -378,14 +406,14 @@ class Simulator:
             inst.joins.append(r)  # colocated: joins at the iteration that starts now
             return
         inst.outstanding -= 1  # the prefill instance's part is done
-        link, kv = self.cfg.link, self.prompt[r] * self.cfg.kv_bytes_per_token
+        link, kv = self.cfg.link, self.kv_sent[r] * self.cfg.kv_bytes_per_token
         if not link.shared:
             delay = link.handoff_time(kv, now - inst.start)
             self.handoff[r] = delay
             self._push(now + delay, _KV_READY, r, d)
             return
         # what layer-wise sending got through during the prefill, this prompt's share of the link
-        sent = min(kv * link.overlap, self.links.bandwidth * (now - inst.start) * self.prompt[r] / inst.batch_tokens)
+        sent = min(kv * link.overlap, self.links.bandwidth * (now - inst.start) * self.compute[r] / inst.batch_tokens)
         if kv - sent <= 0:
             self.handoff[r] = link.latency_s
             self._push(now + link.latency_s, _KV_READY, r, d)
