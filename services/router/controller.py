@@ -243,6 +243,8 @@ class Router:
                       self._stats_failures, self._next_restart):
             table.pop(iid, None)
         self.draining.discard(iid)
+        if self.prefix is not None:
+            self.prefix.forget(iid)  # its events stop; nothing may be placed there for its cache
         task = self._restarting.pop(iid, None)
         if task is not None:
             task.cancel()

@@ -71,6 +71,12 @@ class PrefixTracker:
         self.index.reset(info.instance_id)
         self.follow(info)
 
+    def forget(self, instance_id: str) -> None:
+        """The instance left the cluster: stop following it and drop what it held."""
+        if self.subscriber is not None:
+            self.subscriber.unwatch(instance_id)
+        self.index.reset(instance_id)
+
     def keys(self, prompt_token_ids: Sequence[int], block_size: int) -> list[int]:
         return self.hasher.keys(prompt_token_ids, block_size)
 

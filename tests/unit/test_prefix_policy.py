@@ -122,3 +122,15 @@ def test_metrics_count_bytes_saved_from_running_totals_and_hits_per_role():
     assert 'pdserve:kv_transfer_blocks_saved_total{instance="p0",model_name="demo",role="prefill"} 7.0' in text
     assert 'pdserve:prefix_cache_hits_total{model_name="demo",role="prefill"} 96.0' in text
     assert 'pdserve:prefix_cache_queries_total{model_name="demo",role="prefill"} 160.0' in text
+
+
+def test_an_instance_that_leaves_is_forgotten():
+    engines = [FakeEngineClient.make(f"d{i}", Role.MIXED) for i in range(2)]
+    tracker = PrefixTracker(PrefixRoutingConfig(index="sent"))
+    router = Router(engines, make_prefix_policy(tracker.config), prefix=tracker)
+    prompt = list(range(64))
+    route = router.place(RequestInfo("a", 64, 4), prompt)
+    keys = tracker.keys(prompt, 16)
+    assert tracker.lookup(keys, [route.decode.instance_id], 0.0)[route.decode.instance_id] == 4
+    router.unregister(route.decode.instance_id)
+    assert tracker.lookup(keys, [route.decode.instance_id], 0.0)[route.decode.instance_id] == 0
