@@ -119,7 +119,7 @@ class Router:
         of the prompt each instance holds (counts only: the policy sees no tokens).
         """
         keys, prefix, now = [], {}, time.monotonic()
-        if self.prefix is not None and prompt_token_ids:
+        if self.prefix is not None and prompt_token_ids and self.clients:
             block_size = next(iter(self.clients.values())).info.block_size  # one size on every pool
             keys = self.prefix.keys(prompt_token_ids, block_size)
             prefix = self.prefix.lookup(keys, list(self.clients), now)
