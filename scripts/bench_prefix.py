@@ -114,6 +114,10 @@ def server_figures(url: str) -> dict:
     return {"prefill_tokens_computed": queries - hits, "prefill_tokens_reused": hits,
             "prefill_hit_rate": hits / queries if queries else 0.0, "kv_bytes_sent": sent, "kv_bytes_saved": saved,
             "decode_hit_rate": saved / (sent + saved) if sent + saved else 0.0,
+            # What the router's prefix index said the chosen prefill instance held (0 for other policies).
+            "index_predicted_prefill_hits": metric_sum(text, "pdserve:prefix_index_hit_tokens", role="prefill",
+                                                       kind="hit"),
+            "index_hash_mismatches": metric_sum(text, "pdserve:prefix_index", counter="subscriber_hash_mismatch"),
             "handoffs": metric_sum(text, "pdserve:handoffs", outcome="handoffs"),
             "decode_alone": metric_sum(text, "pdserve:handoffs", outcome="decode_alone")}
 
@@ -138,6 +142,8 @@ ROWS = [("TTFT p50 ms", "ttft_p50", 1e3), ("TTFT p99 ms", "ttft_p99", 1e3), ("re
         ("prefill tokens computed", "prefill_tokens_computed", 1), ("prefill tokens reused", "prefill_tokens_reused", 1),
         ("prefill hit rate", "prefill_hit_rate", 1), ("KV MiB sent", "kv_bytes_sent", 1 / 2**20),
         ("KV MiB saved (D held)", "kv_bytes_saved", 1 / 2**20), ("decode hit rate", "decode_hit_rate", 1),
+        ("index: predicted P hits", "index_predicted_prefill_hits", 1),
+        ("index: hash mismatches", "index_hash_mismatches", 1),
         ("handoffs", "handoffs", 1), ("decode alone", "decode_alone", 1),
         ("usage cached_tokens", "usage_cached_tokens", 1)]
 
