@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pdserve.planner.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,29 @@ class PrefixCacheModel:
         while self._total[instance] > self._capacity[instance] and len(held) > 1:
             _, dropped = held.popitem(last=False)
             self._total[instance] -= dropped
+
+
+def as_conversations(trace: "Trace", turns: int) -> tuple["Trace", Sessions]:
+    """The trace's requests as conversations of `turns` turns, each resending its history.
+
+    Arrivals and outputs stay; request k (in arrival order) is turn k // C of conversation k % C,
+    C = ceil(n / turns), and its prompt is its own length plus the prompts of that conversation's
+    earlier turns (the previous prompt is the shared history; the answers are left out, as
+    `scripts/bench_prefix.py` does).
+    """
+    from pdserve.planner.trace import Trace
+
+    if turns < 1:
+        raise ValueError(f"turns must be at least 1, got {turns}")
+    n = len(trace)
+    conversations = max(-(-n // turns), 1)
+    session = np.arange(n, dtype=np.int64) % conversations
+    prompt = np.empty(n, dtype=np.int64)
+    shared = np.empty(n, dtype=np.int64)
+    history = np.zeros(conversations, dtype=np.int64)
+    for k in range(n):
+        c = session[k]
+        shared[k] = history[c]
+        prompt[k] = history[c] + trace.prompt[k]
+        history[c] = prompt[k]
+    return Trace(trace.name, trace.arrival, prompt, trace.output), Sessions(session, shared)

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length-dist", default="fixed", choices=("fixed", "uniform", "exponential", "lognormal"))
     g.add_argument("--length-spread", type=float, default=0.5)
     g.add_argument("--seed", type=int, default=0, help="Seed of arrivals and resampled lengths (default 0).")
+    g.add_argument("--turns", type=int, default=1,
+                   help="Group the requests into conversations of this many turns, each resending its history "
+                        "(every instance then models a prefix cache; see --policy prefix_aware). Default 1.")
     g.add_argument("--repeats", type=int, default=1, help="Runs with seeds SEED..SEED+K-1; reports the spread.")
     g = parser.add_argument_group("per-request SLOs (goodput, as pdserve bench; default: TTFT 3x, TPOT 1.5x of "
                                   "the unloaded median request)")
@@ -157,12 +160,19 @@ def simulate_once(args, planner, design, spec, out_dir: Path, source) -> dict:
 
         raise SpecError("the workload holds no request: check --rate and --duration")
     unloaded = _unloaded(planner, design, trace) if slo_cfg.needs_unloaded else None
-    res = Simulator(planner.instances(design), planner.policy_factory(), planner.cfg).run(trace)
+    sessions = None
+    if args.turns > 1:
+        from pdserve.planner.prefix_cache import as_conversations
+
+        trace, sessions = as_conversations(trace, args.turns)
+    res = Simulator(planner.instances(design), planner.policy_factory(), planner.cfg).run(trace, sessions)
     check = planner.checker.check(res)
     extra = {"simulated": True, "design": design.label(), "policy": args.policy, "decode_model": args.decode_model,
              "lengths_resampled": resampled, "simulation_wall_s": round(res.wall_s, 3), "simulation_events": res.events,
              "percentile_slos_met": check.ok, "percentile_slo_values": check.values, "binding_slo": check.worst,
-             "sim_config": planner.cfg.model_dump()}
+             "sim_config": planner.cfg.model_dump(), "turns": args.turns,
+             "prefill_tokens_computed": int(res.prefill_computed.sum()), "prompt_tokens": int(res.prompt.sum()),
+             "kv_sent_tokens": int(res.kv_sent_tokens.sum())}
     result = sim_results.run_result(res, config, resolve_slos(config, unloaded), unloaded, extra)
     return sim_results.write(result, out_dir)
 

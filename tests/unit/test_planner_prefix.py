@@ -56,3 +56,36 @@ def test_prefix_aware_computes_and_moves_less_on_conversations():
     plain = Simulator(_cluster(), make_policy("prefix_aware"), SimConfig(link=LINK)).run(
         Trace("conv", arrival, prompt, np.full(len(prompt), 8)))
     assert plain.prefill_computed.sum() == prompt.sum()
+
+
+def test_as_conversations_resends_each_conversations_history():
+    from pdserve.planner.prefix_cache import as_conversations
+
+    tr = Trace("t", np.arange(6, dtype=float), np.array([10, 20, 30, 40, 50, 60]), np.full(6, 2))
+    conv, sessions = as_conversations(tr, turns=3)  # 2 conversations: requests 0,2,4 and 1,3,5
+    assert sessions.session.tolist() == [0, 1, 0, 1, 0, 1]
+    assert conv.prompt.tolist() == [10, 20, 40, 60, 90, 120]
+    assert sessions.shared.tolist() == [0, 0, 10, 20, 40, 60]
+    assert conv.arrival.tolist() == tr.arrival.tolist() and conv.output.tolist() == tr.output.tolist()
+
+
+def test_simulate_cli_runs_conversations_with_prefix_caches(tmp_path):
+    import json
+
+    from pdserve.cli.main import main
+    from test_simulate import _toy_profile
+
+    machine = "cpu:profile_hardware=cpu,tensor_parallel=1,cost_per_hour=1,power_kw=0.2,memory_gb=10"
+    figures = {}
+    for policy in ("least_loaded", "prefix_aware"):
+        out = tmp_path / policy
+        argv = ["simulate", "--pools", "cpu/cpu:2+2", "--input-len", "200", "--output-len", "20", "--rate", "4",
+                "--duration", "20", "--profile", str(_toy_profile(tmp_path)), "--model", "toy", "--weight-gb", "1",
+                "--kv-bytes-per-token", "1000", "--machine", machine, "--slo-reference", "cpu", "--output-dir",
+                str(out), "--no-charts", "--arrival", "poisson", "--turns", "4", "--policy", policy]
+        assert main(argv) == 0
+        figures[policy] = json.loads(next(out.glob("*.json")).read_text())
+    base, aware = figures["least_loaded"], figures["prefix_aware"]
+    assert base["turns"] == 4 and base["prompt_tokens"] == aware["prompt_tokens"]
+    assert aware["kv_sent_tokens"] < base["kv_sent_tokens"]
+    assert aware["prefill_tokens_computed"] < base["prefill_tokens_computed"]
