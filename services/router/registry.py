@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING, Callable
 
 from pdserve.router.policy import LeastLoaded, PlacementPolicy, RoundRobin, ShortestQueueKV
 from pdserve.router.prefix_policy import PrefixAware
+from pdserve.router.slo_policy import SloAware
 from pdserve.router.splitwise import SplitwiseMixedPool
 
 if TYPE_CHECKING:
     from pdserve.shared.config import PrefixRoutingConfig
 
 POLICIES: dict[str, Callable[[], PlacementPolicy]] = {
-    cls.name: cls for cls in (RoundRobin, LeastLoaded, ShortestQueueKV, SplitwiseMixedPool, PrefixAware)
+    cls.name: cls for cls in (RoundRobin, LeastLoaded, ShortestQueueKV, SplitwiseMixedPool, PrefixAware, SloAware)
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.shared.roles import Role
+from pdserve.shared.slo import DecisionReason, RequestSlo
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class InstanceSnapshot:
     # Leading blocks of the request being placed that the instance holds in its prefix cache (the
     # router's prefix index; 0 when unknown). Per request: snapshots are built for one decision.
     prefix_blocks: int = 0
+    # prompt + expected output tokens of the requests decoding here (the router's estimate; 0: unknown)
+    outstanding_context_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -64,6 +67,7 @@ class RequestInfo:
     prompt_tokens: int
     max_tokens: int
     arrival_time: float = 0.0
+    slo: RequestSlo | None = None  # None: the policy's defaults
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class Placement:
     request_id: str
     prefill: str
     decode: str
+    # SLO-aware placements say why and what they predict (None from the other policies)
+    reason: DecisionReason | None = None
+    predicted_ttft_s: float | None = None
+    predicted_tpot_s: float | None = None
 
     @property
     def colocated(self) -> bool:
@@ -86,6 +94,8 @@ class Rejection:
     request_id: str
     reason: str
     retryable: bool = True  # True: capacity may free up; False: it can never fit
+    code: DecisionReason | None = None  # the SLO-aware policy's reason, for metrics and admission
+    retry_after_s: float | None = None  # its estimate of when capacity frees up
 
 
 Decision = Placement | Rejection
