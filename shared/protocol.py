@@ -72,6 +72,8 @@ class EngineInfo:
     block_size: int
     kv_blocks_total: int
     max_logprobs: int = 20  # the engine refuses requests asking for more
+    node_ip: str = ""  # the Ray node the instance runs on
+    kv_host: str | None = None  # the address its KV transport advertises (None: no connector)
     kv_events_endpoint: str | None = None  # ZMQ PUB of the engine's KV-cache events (prefix index), if on
     kv_events_replay_endpoint: str | None = None  # where missed event batches can be asked for again
 

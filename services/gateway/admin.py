@@ -39,8 +39,13 @@ class ScaleRequest(BaseModel):
 
 def instances_view(state: GatewayState) -> dict:
     router = state.router
-    instances = [{**{k: v for k, v in dataclasses.asdict(s).items() if k != "kv_transfer"},
-                  "state": s.state.value, "role": s.role.value} for s in router.latest_stats()]
+    instances = []
+    for stats in router.latest_stats():
+        client = router.clients.get(stats.instance_id)
+        instances.append({**{k: v for k, v in dataclasses.asdict(stats).items() if k != "kv_transfer"},
+                          "state": stats.state.value, "role": stats.role.value,
+                          "node_ip": client.info.node_ip if client else "",
+                          "kv_host": client.info.kv_host if client else None})
     scaler = state.scaler
     starting = {role.value: n for role, n in (scaler.starting if scaler else {}).items() if n}
     return {"instances": instances, "starting": starting,

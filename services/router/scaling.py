@@ -63,8 +63,9 @@ def plan_scale(current: dict[Role, list[str]], starting: dict[Role, int], target
     if sum(want.values()) == 0:
         raise ScaleError("at least one instance must remain")
     if (want[Role.PREFILL] == 0) != (want[Role.DECODE] == 0):
-        raise ScaleError("prefill and decode pools grow and shrink to zero together "
-                         f"(asked: prefill={want[Role.PREFILL]}, decode={want[Role.DECODE]})")
+        # Allowed (replacing a pool's last instance): the policy runs requests whole on the pool that is left.
+        logger.warning("scaling to prefill=%d, decode=%d: requests run whole on the remaining pool",
+                       want[Role.PREFILL], want[Role.DECODE])
     if not disaggregated and (want[Role.PREFILL] or want[Role.DECODE]):
         raise ScaleError("this server was started without disaggregated pools (no reservation inbox): "
                          "restart it with prefill and decode instances to scale them")
