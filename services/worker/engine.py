@@ -213,19 +213,19 @@ class EngineWorker:
         totals = self._stats.kv_transfer
         self._stats = _SchedulerStatsHolder()
         self._stats.kv_transfer = totals
-        connector = None
-        if self.kv is not None:
-            from pdserve.kv_transfer.ports import node_address, resolve_hosts
+        from pdserve.kv_transfer.ports import node_address, resolve_hosts
 
-            # Resolved here, in the actor: the node this instance landed on is the one to advertise.
-            connector = connector_config(self.instance_id, resolve_hosts(self.kv, node_address()))
+        node = node_address()  # in the actor: the node this instance landed on is the one to advertise
+        connector, kv_host = None, None
+        if self.kv is not None:
+            kv = resolve_hosts(self.kv, node)
+            connector, kv_host = connector_config(self.instance_id, kv), kv.advertise_host
         events = None
         if self.config.publish_kv_events:
-            from pdserve.kv_transfer.ports import node_address
             from pdserve.worker.kv_events import pick_endpoints
 
             # Fresh ports per start: a restarted engine's publisher starts its sequence again.
-            events = pick_endpoints(node_address(), self.kv.port_range if self.kv else None)
+            events = pick_endpoints(node, self.kv.port_range if self.kv else None)
         args = build_engine_args(self.config, connector, events.vllm_config(self.instance_id) if events else None)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
         vllm_config = self._engine.vllm_config
@@ -239,6 +239,8 @@ class EngineWorker:
             max_logprobs=vllm_config.model_config.max_logprobs,
             kv_events_endpoint=events.endpoint if events else None,
             kv_events_replay_endpoint=events.replay_endpoint if events else None,
+            node_ip=node,
+            kv_host=kv_host,
         )
         self._state = InstanceState.READY
         self._answered_at = time.monotonic()
