@@ -5,6 +5,7 @@
 #   deploy/ray/cluster.sh worker prefill HEAD:6379  each prefill machine
 #   deploy/ray/cluster.sh worker decode HEAD:6379   each decode machine
 #   deploy/ray/cluster.sh serve [pdserve serve flags]   head machine: pdserve against the cluster
+#   deploy/ray/cluster.sh drain GATEWAY_URL         a worker machine, before `stop`: drain its engine instances
 #   deploy/ray/cluster.sh stop                      any machine: `ray stop` (every Ray process there)
 #
 # Workers advertise their GPUs and CPUs and a custom resource per role
@@ -16,6 +17,8 @@
 #   INSTANCES              engine instances a worker holds (default 1)
 #   METRICS_PORT           Ray's metrics port on this node (default 8080)
 #   NODE_IP                address this node advertises (e.g. 127.0.0.2 for a second node on one machine)
+#   PDSERVE_API_KEY        for `drain`: the gateway's API key; DRAIN_DEADLINE its limit in s (600);
+#                          PYTHON the interpreter of the pdserve install (default python)
 #   RAY_AUTH_TOKEN         Ray's token auth, the same secret on every machine; without it
 #                          set RAY_AUTH_MODE=disabled explicitly (one trusted host or network only)
 #   DRY_RUN=1              print the commands instead of running them
@@ -62,11 +65,17 @@ case "$cmd" in
     auth
     run pdserve serve --config "${PDSERVE_CONFIG:-$here/pdserve.yaml}" --address auto "$@"
     ;;
+  drain)
+    gateway="${1:?gateway URL, e.g. http://10.0.0.1:8000}"
+    # This node's Ray address, as the gateway's /admin/instances reports it (node_ip).
+    ip="${NODE_IP:-$("${PYTHON:-python}" -c 'import ray.util; print(ray.util.get_node_ip_address())')}"
+    run "${PYTHON:-python}" "$(dirname "$here")/drain_node.py" --gateway "$gateway" --node-ip "$ip" --deadline "${DRAIN_DEADLINE:-600}"
+    ;;
   stop)
     run ray stop
     ;;
   *)
-    sed -n '2,21p' "$0"
+    sed -n '2,25p' "$0" | grep '^#'
     exit 2
     ;;
 esac

@@ -229,15 +229,79 @@ def test_gateway_probes_api_key_and_ray_join(chart, rendered):
         {"name": "mine", "key": "k"}
 
 
-def test_decode_prestop_is_the_configured_command(chart, rendered):
+DRAIN_SCRIPT = "/opt/pdserve/bin/drain_node.py"
+
+
+def _workers(docs: list[dict]) -> dict[str, dict]:
+    (cluster,) = by_kind(docs, "RayCluster")
+    return {g["groupName"]: g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_worker_prestop_drains_the_pod_through_the_gateway(case, rendered):
+    docs = rendered[case]
+    values = _values(case)
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-gateway")]
+    gateway_key = {e["name"]: e for e in _gateway(docs)["env"]}.get("PDSERVE_API_KEY")
+    for role, pod in _workers(docs).items():
+        (container,) = pod["containers"]
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", DRAIN_SCRIPT]
+        env = {e["name"]: e for e in container["env"]}
+        # The pod's own IP is its Ray node address: what /admin/instances reports as node_ip.
+        assert env["PDSERVE_NODE_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        port = service["spec"]["ports"][0]["port"]
+        assert env["PDSERVE_GATEWAY_URL"]["value"] == \
+            f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{port}"
+        assert env.get("PDSERVE_API_KEY") == gateway_key  # the admin API takes the same key as /v1/
+        assert int(env["PDSERVE_DRAIN_DEADLINE_S"]["value"]) < pod["terminationGracePeriodSeconds"]
+        if values.get(role, {}).get("terminationGracePeriodSeconds"):
+            assert pod["terminationGracePeriodSeconds"] == values[role]["terminationGracePeriodSeconds"]
+
+
+def test_the_drain_script_is_where_the_images_put_it():
+    for dockerfile in sorted((REPO / "docker").glob("Dockerfile.*[!e]")):
+        workdir, dest = "/", None
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("WORKDIR "):
+                workdir = line.split()[1]
+            elif line.startswith("COPY deploy/drain_node.py "):
+                dest = str(Path(workdir) / line.split()[2])
+                break
+        assert dest == DRAIN_SCRIPT, dockerfile.name
+        ignore = (dockerfile.parent / f"{dockerfile.name}.dockerignore").read_text().splitlines()
+        assert "!deploy/drain_node.py" in ignore  # in the build context
+
+
+def test_prestop_can_be_replaced_or_turned_off(chart):
+    own = ["/bin/sh", "-c", "my-drain --wait"]
+    pods = _workers(render(chart, {"decode": {"preStop": {"command": own}}, "prefill": {"drain": {"enabled": False}}}))
+    decode = pods["decode"]["containers"][0]
+    assert decode["lifecycle"]["preStop"]["exec"]["command"] == own
+    assert "PDSERVE_GATEWAY_URL" not in {e["name"] for e in decode["env"]}
+    assert "lifecycle" not in pods["prefill"]["containers"][0]
+    with pytest.raises(helm.HelmRenderError, match="decode.drain.deadlineSeconds.*terminationGracePeriodSeconds"):
+        render(chart, {"decode": {"drain": {"deadlineSeconds": 120}, "terminationGracePeriodSeconds": 120}})
+    with pytest.raises(helm.HelmValuesError, match="/decode/drain"):
+        chart.validate_schema({"decode": {"drain": {"deadline": 10}}})
+
+
+def test_autoscaling_follows_pdserve_scale(chart, rendered, raycluster_schema):
     (cluster,) = by_kind(rendered["default"], "RayCluster")
-    groups = {g["groupName"]: g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]}
-    assert "lifecycle" not in groups["prefill"]
-    assert groups["decode"]["lifecycle"]["preStop"]["exec"]["command"] == ["/bin/sh", "-c", "sleep 30"]
-    drain = ["/bin/sh", "-c", "my-drain --wait"]
-    (cluster,) = by_kind(render(chart, {"decode": {"preStop": {"command": drain}}}), "RayCluster")
+    assert "enableInTreeAutoscaling" not in cluster["spec"]
+    (cluster,) = by_kind(rendered["ha"], "RayCluster")  # the HA example turns it on
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    assert cluster["spec"]["autoscalerOptions"] == {"idleTimeoutSeconds": 120, "upscalingMode": "Default"}
     decode = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "decode"][0]
-    assert decode["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == drain
+    assert (decode["minReplicas"], decode["replicas"], decode["maxReplicas"]) == (1, 3, 4)
+    # The pool starts at the pods' instances; more wait for the pods the autoscaler adds.
+    (cm,) = by_kind(rendered["ha"], "ConfigMap")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["pools"]["decode"]["instances"] == 24
+    with pytest.raises(helm.HelmRenderError, match="decode: replicas \\(5\\) must lie within"):
+        render(chart, {"autoscaling": {"enabled": True}, "decode": {"replicas": 5, "maxReplicas": 4}})
+    with pytest.raises(helm.HelmRenderError, match="prefill: minReplicas \\(3\\) is above maxReplicas"):
+        render(chart, {"prefill": {"minReplicas": 3}})
+    with pytest.raises(helm.HelmValuesError, match="/autoscaling/upscalingMode"):
+        chart.validate_schema({"autoscaling": {"upscalingMode": "Fast"}})
 
 
 def test_pdbs_and_network_policies_select_the_release(rendered):
@@ -263,6 +327,9 @@ def test_pdbs_and_network_policies_select_the_release(rendered):
         assert labels["app.kubernetes.io/instance"] == RELEASE
     gateway = policies[f"{RELEASE}-pdserve-gateway"]
     assert {"ports": [{"port": 8000, "protocol": "TCP"}]} in gateway["ingress"]
+    # The worker pods' preStop drain reaches the gateway's admin API.
+    assert {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "pdserve",
+                                                      "app.kubernetes.io/instance": RELEASE}}}]} in gateway["ingress"]
 
 
 def test_chart_pins_match_the_project(chart):

@@ -121,12 +121,45 @@ instances land on its own pods), and its own vLLM engine arguments.
 {{- end }}
 {{- end -}}
 
+{{/* The gateway's in-cluster URL (what worker pods' preStop drain calls). */}}
+{{- define "pdserve.gatewayURL" -}}
+{{- printf "http://%s-gateway.%s.svc:%v" (include "pdserve.fullname" .) .Release.Namespace .Values.gateway.service.port -}}
+{{- end -}}
+
+{{/*
+A worker pod's preStop, as JSON {command, drain}: the group's own
+preStop.command if it sets one; else, with drain.enabled, the drain of this
+pod's instances through the gateway's registry (deploy/drain_node.py, in the
+image), which must end before the grace period does; else none.
+*/}}
+{{- define "pdserve.preStop" -}}
+{{- $g := .group -}}
+{{- $own := (($g.preStop | default dict).command | default list) -}}
+{{- if $own -}}
+{{- toJson (dict "command" $own "drain" false) -}}
+{{- else if ($g.drain | default dict).enabled -}}
+{{- if ge (int $g.drain.deadlineSeconds) (int $g.terminationGracePeriodSeconds) -}}
+{{- fail (printf "%s.drain.deadlineSeconds (%v) must be below %s.terminationGracePeriodSeconds (%v): the pod is killed when its grace period ends" .role $g.drain.deadlineSeconds .role $g.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- toJson (dict "command" (list "python" "/opt/pdserve/bin/drain_node.py") "drain" true) -}}
+{{- else -}}
+{{- toJson (dict "command" list "drain" false) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* A worker group of the RayCluster; . is a dict: root, role, group. */}}
 {{- define "pdserve.workerGroup" -}}
 {{- $root := .root -}}
 {{- $g := .group -}}
 {{- $gpus := include "pdserve.gpusPerPod" . | int -}}
 {{- $rayRes := dict "CPU" (include "pdserve.cpusPerPod" . ) "GPU" (toString $gpus) -}}
+{{- $preStop := include "pdserve.preStop" . | fromJson -}}
+{{- if gt (int $g.minReplicas) (int $g.maxReplicas) -}}
+{{- fail (printf "%s: minReplicas (%v) is above maxReplicas (%v)" .role $g.minReplicas $g.maxReplicas) -}}
+{{- end -}}
+{{- if and $root.Values.autoscaling.enabled (or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas))) -}}
+{{- fail (printf "%s: replicas (%v) must lie within minReplicas..maxReplicas (%v..%v) for Ray's autoscaler" .role $g.replicas $g.minReplicas $g.maxReplicas) -}}
+{{- end -}}
 {{- range $k, $v := $g.rayResources }}{{ $_ := set $rayRes $k (toString $v) }}{{ end -}}
 - groupName: {{ .role }}
   replicas: {{ $g.replicas }}
@@ -180,6 +213,23 @@ instances land on its own pods), and its own vLLM engine arguments.
             {{- include "pdserve.env" $root | nindent 12 }}
             - name: PDSERVE_ROLE
               value: {{ .role }}
+            {{- if $preStop.drain }}
+            # For the preStop drain (deploy/drain_node.py): this pod's Ray address, the gateway, its key.
+            - name: PDSERVE_NODE_IP
+              valueFrom:
+                fieldRef: {fieldPath: status.podIP}
+            - name: PDSERVE_GATEWAY_URL
+              value: {{ include "pdserve.gatewayURL" $root | quote }}
+            - name: PDSERVE_DRAIN_DEADLINE_S
+              value: {{ $g.drain.deadlineSeconds | quote }}
+            {{- with include "pdserve.apiKeySecret" $root }}
+            - name: PDSERVE_API_KEY
+              valueFrom:
+                secretKeyRef:
+                  name: {{ . }}
+                  key: {{ $root.Values.gateway.apiKey.secretKey }}
+            {{- end }}
+            {{- end }}
           resources:
             {{- $res := deepCopy $g.resources -}}
             {{- if gt $gpus 0 -}}
@@ -187,7 +237,7 @@ instances land on its own pods), and its own vLLM engine arguments.
             {{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" $gpus) ($res.requests | default dict)) -}}
             {{- end }}
             {{- toYaml $res | nindent 12 }}
-          {{- with .preStop }}
+          {{- with $preStop.command }}
           lifecycle:
             preStop:
               exec:
