@@ -105,6 +105,11 @@ def _slo_args(parser: argparse.ArgumentParser) -> None:
                        help=f"{what} SLO as X times the unloaded {name.upper()} measured at the start")
     g.add_argument("--unloaded-probes", type=int, default=3,
                    help="sequential requests that measure unloaded latency (default: %(default)s)")
+    g.add_argument("--slo-send", action="store_true",
+                   help="send the TTFT/TPOT SLOs with every request (x-slo-ttft-ms, x-slo-tpot-ms): an SLO-aware "
+                        "server admits against them; 429s count as rejected")
+    g.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", dest="headers",
+                   help="an HTTP header on every request, e.g. x-priority=batch (repeatable)")
 
 
 def _output_args(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +144,18 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _headers(items: list[str]) -> dict[str, str]:
+    from pdserve.loadgen.errors import BenchConfigError
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise BenchConfigError(f"--header {item!r} is not NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def _arrival_kind(args: argparse.Namespace) -> str:
     if args.arrival:
         return args.arrival
@@ -160,7 +177,8 @@ def build_config(args: argparse.Namespace):
     target = TargetConfig(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
                           api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
                           request_timeout_s=args.request_timeout, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, extra_body=args.extra_body)
+                          top_p=args.top_p, top_k=args.top_k, extra_body=args.extra_body,
+                          headers=_headers(args.headers))
     workload = WorkloadConfig(
         trace=args.trace, trace_dir=args.trace_dir, trace_start_s=args.trace_start, input_len=args.input_len,
         output_len=args.output_len, length_dist=args.length_dist, length_spread=args.length_spread,
@@ -171,7 +189,7 @@ def build_config(args: argparse.Namespace):
                              concurrency=args.concurrency)
     slo = SloConfig(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, e2el_ms=args.slo_e2el_ms,
                     ttft_x=args.slo_ttft_x, tpot_x=args.slo_tpot_x, e2el_x=args.slo_e2el_x,
-                    unloaded_probes=args.unloaded_probes)
+                    unloaded_probes=args.unloaded_probes, send=args.slo_send)
     return BenchConfig(target=target, workload=workload, arrivals=arrivals,
                        stop=StopConfig(duration_s=args.duration, num_requests=args.num_requests), slo=slo,
                        percentiles=args.percentiles, output_dir=args.output_dir, sweep_rates=args.sweep_rates,

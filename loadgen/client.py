@@ -86,7 +86,7 @@ def build_payload(target: TargetConfig, spec: RequestSpec) -> dict[str, Any]:
 
 
 def headers(target: TargetConfig) -> dict[str, str]:
-    out = {"Content-Type": "application/json"}
+    out = {"Content-Type": "application/json", **target.headers}
     if target.api_key:
         out["Authorization"] = f"Bearer {target.api_key}"
     return out
@@ -160,6 +160,7 @@ async def _read_stream(client: httpx.AsyncClient, target: TargetConfig, spec: Re
                              headers=headers(target)) as response:
         if response.status_code != 200:
             body = (await response.aread()).decode("utf-8", "replace")[:_ERROR_BODY_CHARS]
+            stream.record.latency_s = time.perf_counter() - stream.t_send  # how fast a refusal answers
             stream.record.fail(f"http_{response.status_code}", f"HTTP {response.status_code}: {body}")
             return
         async for line in response.aiter_lines():

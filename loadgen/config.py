@@ -36,6 +36,8 @@ class TargetConfig(_Strict):
     top_k: int | None = Field(default=None, description="Top-k sampling (-1 or 0: off); None: the server's default.")
     extra_body: dict[str, Any] = Field(default_factory=dict,
                                        description="More request fields, merged into every request (e.g. seed).")
+    headers: dict[str, str] = Field(default_factory=dict,
+                                    description="More HTTP headers on every request (e.g. x-priority: batch).")
 
     @property
     def url(self) -> str:
@@ -90,6 +92,9 @@ class SloConfig(_Strict):
     tpot_x: float | None = Field(default=None, gt=0, description="TPOT SLO as a multiple of the unloaded TPOT.")
     e2el_x: float | None = Field(default=None, gt=0, description="E2E SLO as a multiple of the unloaded E2E.")
     unloaded_probes: int = Field(default=3, ge=1, description="Sequential requests that measure unloaded latency.")
+    send: bool = Field(default=False, description="Send the TTFT and TPOT SLOs with every request "
+                                                  "(x-slo-ttft-ms, x-slo-tpot-ms), so that an SLO-aware server "
+                                                  "admits against the targets goodput is counted on.")
 
     @model_validator(mode="after")
     def _one_form_per_metric(self) -> "SloConfig":

@@ -9,6 +9,9 @@ Definitions match vLLM's `vllm bench serve` so that results compare:
   nothing to them.
 - Goodput (DistServe): successful requests that meet every given SLO, per
   second. For the TPOT SLO, a request with one output token has TPOT 0.
+- Rejections: HTTP 429 answers (admission control); `slo_attainment_admitted`
+  is the share of the other requests (admitted ones) that met every SLO, and
+  `*_rejection_ms` how fast the refusals came.
 - Percentiles are numpy's linear interpolation; an empty sample reports 0.
 """
 
@@ -22,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+REJECTED = "http_429"  # admission control refused the request
 
 
 class Timed(Protocol):
@@ -146,6 +150,11 @@ def summarize(records: Sequence[Timed], duration_s: float, percentiles: Sequence
         "slo_attainment": None if good is None else (good / len(records) if records else 0.0),
         "errors_by_kind": dict(Counter(r.error_kind for r in records if not r.success)),
     }
+    rejected = [r for r in records if r.error_kind == REJECTED]
+    admitted = len(records) - len(rejected)
+    out["rejected"] = len(rejected)
+    out["slo_attainment_admitted"] = None if good is None else (good / admitted if admitted else 0.0)
+    out.update(distribution_ms([r.latency_s for r in rejected], percentiles, "rejection"))
     for name, values in samples(records).items():
         out.update(distribution_ms(values, percentiles, name))
     return out

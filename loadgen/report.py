@@ -127,6 +127,12 @@ def print_summary(data: dict[str, Any], console=None) -> None:
         slo = ", ".join(f"{k} ≤ {v:.1f} ms" for k, v in data["slo_ms"].items())
         rows += [("SLOs", slo), ("Request goodput (req/s)", f"{data['request_goodput']:.3f}"),
                  ("SLO attainment", f"{100.0 * data['slo_attainment']:.1f} %")]
+        if data.get("slo_attainment_admitted") is not None:
+            rows.append(("SLO attainment of admitted", f"{100.0 * data['slo_attainment_admitted']:.1f} %"))
+    if data.get("rejected"):
+        rows += [("Rejected (429)", str(data["rejected"])),
+                 ("Rejection latency p50 / p99 (ms)",
+                  f"{data.get('median_rejection_ms', 0.0):.1f} / {data.get('p99_rejection_ms', 0.0):.1f}")]
     for key, count in sorted(data.get("errors_by_kind", {}).items()):
         rows.append((f"Failed: {key}", str(count)))
     for k, v in rows:

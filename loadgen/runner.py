@@ -145,6 +145,16 @@ def resolve_slos(config: BenchConfig, unloaded: metrics.SloThresholds | None) ->
     return metrics.scaled_slos(ms, {"ttft": s.ttft_x, "tpot": s.tpot_x, "e2el": s.e2el_x}, unloaded)
 
 
+def slo_headers(slo: metrics.SloThresholds) -> dict[str, str]:
+    """The SLOs as pdserve's per-request headers (milliseconds)."""
+    out = {}
+    if slo.ttft_s is not None:
+        out["x-slo-ttft-ms"] = f"{slo.ttft_s * 1000.0:.3f}"
+    if slo.tpot_s is not None and slo.tpot_s > 0:
+        out["x-slo-tpot-ms"] = f"{slo.tpot_s * 1000.0:.3f}"
+    return out
+
+
 async def _load(config: BenchConfig, builder: PromptBuilder, trace: Trace | None,
                 progress_label: str) -> tuple[list[http.RequestRecord], float, int, int]:
     async with http.make_client(config.target) as conn:
@@ -171,12 +181,15 @@ async def _load(config: BenchConfig, builder: PromptBuilder, trace: Trace | None
 def run_once(config: BenchConfig, builder: PromptBuilder, trace: Trace | None,
              unloaded: metrics.SloThresholds | None) -> RunResult:
     label = config.label or "bench"
+    slo = resolve_slos(config, unloaded)
+    if config.slo.send and slo is not None:
+        config = config.model_copy(update={"target": config.target.model_copy(
+            update={"headers": {**config.target.headers, **slo_headers(slo)}})})
     records, duration, planned, clipped = asyncio.run(_load(config, builder, trace, label))
     if not records:
         raise TargetUnavailableError("no request was sent: the duration or request count is too small "
                                      "for the arrival rate")
     fill_output_tokens(records, builder.tokenizer)
-    slo = resolve_slos(config, unloaded)
     summary = metrics.summarize(records, duration, config.percentiles, slo)
     lags = [r.start_s - r.scheduled_s for r in records if r.scheduled_s is not None]
     extra = {"max_send_lag_ms": max(lags) * 1000.0 if lags else None}

@@ -110,6 +110,10 @@ def _policy(config: ServeConfig):
 
     if config.gateway.routing_policy == "prefix_aware":
         return make_prefix_policy(config.prefix_routing)
+    if config.gateway.routing_policy == "slo_aware":
+        from pdserve.router.slo_policy import SloAware
+
+        return SloAware(config.slo)
     return make_policy(config.gateway.routing_policy)
 
 
@@ -121,6 +125,7 @@ def serve(config: ServeConfig) -> int:
     from pdserve.gateway.server import GatewayServer
     from pdserve.kv_transfer.ports import node_address, resolve_hosts
     from pdserve.kv_transfer.reservations import ReservationInbox
+    from pdserve.router.admission import AdmissionQueue
     from pdserve.router.controller import Router
     from pdserve.router.scaling import Scaler
     from pdserve.shared.metrics import Metrics
@@ -149,14 +154,14 @@ def serve(config: ServeConfig) -> int:
         metrics = Metrics(model.name)
         router = Router(pools.clients, _policy(config), on_stats=metrics.observe_instance,
                         on_restart=metrics.observe_restart, prefix=prefix,
-                        inbox=inbox,
+                        inbox=inbox, admission=AdmissionQueue(config.slo),
                         reservation_timeout_s=config.kv_transfer.reservation_timeout_s,
                         transfer_timeout_s=config.kv_transfer.transfer_timeout_s)
         api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None
         scaler = Scaler(router, pools.factory, disaggregated=inbox is not None,
                         drain_timeout_s=config.pools.drain_timeout_s)
         state = GatewayState(model, router, metrics, api_key=api_key,
-                             stats_interval_s=config.gateway.stats_interval_s, scaler=scaler)
+                             stats_interval_s=config.gateway.stats_interval_s, scaler=scaler, slo=config.slo)
         server = GatewayServer(create_app(state), config.gateway.host, config.gateway.port,
                                config.gateway.log_level)
         # uvicorn handles SIGINT/SIGTERM while serving, then re-raises the signal

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pdserve.shared.errors import ConfigError
+from pdserve.shared.slo_config import SloRoutingConfig
 
 # Engine arguments passed through to vLLM must be scalars or lists of scalars;
 # anything richer belongs in a typed field of its own.
@@ -227,7 +228,7 @@ class GatewayConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on (0: any free port).")
     api_key: SecretStr | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
     routing_policy: str = Field("least_loaded", description="Placement policy (round_robin, least_loaded, kv_jsq, splitwise, "
-                                                                "prefix_aware).")
+                                                                "prefix_aware, slo_aware).")
     stats_interval_s: float = Field(0.5, gt=0, description="How often instance stats are refreshed for routing and metrics.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Gateway log level.")
 
@@ -307,6 +308,10 @@ class ServeConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     prefix_routing: PrefixRoutingConfig = Field(default_factory=PrefixRoutingConfig)
+    slo: SloRoutingConfig = Field(default_factory=SloRoutingConfig,
+                                  description="Per-request SLOs (class defaults, request overrides), the latency "
+                                              "model and admission control of `routing_policy: slo_aware`; the "
+                                              "SLO-attainment metrics use the targets whatever the policy.")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @property

@@ -10,7 +10,11 @@ the router and the simulator import this without the gateway.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
+from http import HTTPStatus
+
+from pdserve.shared.errors import PdserveError
 
 
 class Priority(str, enum.Enum):
@@ -47,3 +51,27 @@ class RequestSlo:
     def met(self, ttft_s: float | None, tpot_s: float | None) -> tuple[bool, bool]:
         """(TTFT met, TPOT met); a request with one output token has no TPOT and meets it."""
         return (ttft_s is not None and ttft_s <= self.ttft_s), (tpot_s is None or tpot_s <= self.tpot_s)
+
+
+# Reasons a request waits in the admission queue for: capacity that frees as running requests end.
+# A prefill queue that breaks TTFT is refused at once instead: it drains no faster than the
+# waiting request's own TTFT budget shrinks, so waiting would only turn a quick 429 into a late one.
+QUEUEABLE = frozenset({DecisionReason.NO_KV_ROOM, DecisionReason.TPOT_UNMET, DecisionReason.BATCH_YIELDS})
+
+
+class SloRejectedError(PdserveError):
+    """No placement meets the request's SLO and it may not wait (any longer): HTTP 429 with Retry-After."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    error_type = "RateLimitError"
+
+    def __init__(self, message: str, reason: DecisionReason, retry_after_s: float,
+                 priority: Priority = Priority.INTERACTIVE) -> None:
+        super().__init__(message)
+        self.reason, self.priority = reason, priority
+        self.retry_after_s = max(retry_after_s, 0.0)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Retry-After in whole seconds (RFC 9110), rounded up: never earlier than the router's estimate."""
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}

@@ -62,11 +62,14 @@ class AdmissionConfig(_Strict):
 class SloRoutingConfig(_Strict):
     """Per-request SLOs: defaults per class, the latency model, admission control."""
 
-    interactive: ClassSlo = Field(default_factory=lambda: ClassSlo(ttft_ms=2000, tpot_ms=200))
-    batch: ClassSlo = Field(default_factory=lambda: ClassSlo(ttft_ms=30000, tpot_ms=1000))
+    interactive: ClassSlo = Field(default_factory=lambda: ClassSlo(ttft_ms=2000, tpot_ms=200),
+                                  description="Targets of interactive requests (the served model's defaults).")
+    batch: ClassSlo = Field(default_factory=lambda: ClassSlo(ttft_ms=30000, tpot_ms=1000),
+                            description="Targets of batch requests.")
     default_priority: Priority = Field(Priority.INTERACTIVE, description="Class of a request that names none.")
-    perf: PerfModelConfig = Field(default_factory=PerfModelConfig)
-    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    perf: PerfModelConfig = Field(default_factory=PerfModelConfig, description="The latency model's inputs.")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig,
+                                       description="Queueing, fallback and refusal of requests no placement meets.")
 
     def resolve(self, ttft_ms: float | None = None, tpot_ms: float | None = None,
                 priority: Priority | None = None) -> RequestSlo:

@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--port", type=int, help="Listen port (default 8000; 0 picks a free one).")
     w.add_argument("--api-key", help="Require `Authorization: Bearer KEY` (or set PDSERVE_API_KEY).")
     w.add_argument("--routing-policy", "--policy", dest="routing_policy",
-                   help="round_robin, least_loaded (default), kv_jsq, splitwise or prefix_aware.")
+                   help="round_robin, least_loaded (default), kv_jsq, splitwise, prefix_aware or slo_aware "
+                        "(placement and admission against each request's SLO; see the README's API section).")
     w.add_argument("--prefix-index", choices=["events", "sent"],
                    help="prefix_aware: follow the engines' KV events (default) or the router's own placements.")
     w.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="Log level (default info).")

@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP surface (FastAPI).
 
 Lifecycle of an HTTP request: auth -> JSON parsed and validated against
-vLLM's OpenAI request models -> model name checked -> endpoint handler
+vLLM's OpenAI request models -> model name checked -> SLO and priority
+resolved (headers, extension fields, config defaults) -> endpoint handler
 (completions.py, chat.py) -> response or SSE stream. Every failure leaves as
-`{"error": {"message", "type", "param", "code"}}` with its HTTP status; the
-gateway holds no placement logic (that is the router's).
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status (a 429
+from admission control carries Retry-After); the gateway holds no placement
+logic (that is the router's).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,10 +31,13 @@ from pdserve.gateway.handler import as_invalid_request, client_errors
 from pdserve.gateway.model import ServedModel
 from pdserve.gateway.sse import error_body
 from pdserve.gateway.admin import install_admin_routes
+from pdserve.gateway.slo import request_slo
 from pdserve.router.controller import Router
 from pdserve.router.scaling import Scaler
 from pdserve.shared.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError, PdserveError
 from pdserve.shared.metrics import Metrics
+from pdserve.shared.slo_config import SloRoutingConfig
+from pdserve.shared.slo_metrics import SloMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ class GatewayState:
     api_key: str | None = None
     stats_interval_s: float = 0.5
     scaler: Scaler | None = None  # adds and removes instances while serving (`/admin/scale`)
+    slo: SloRoutingConfig = field(default_factory=SloRoutingConfig)  # per-class defaults requests override
+    slo_metrics: SloMetrics | None = None  # default: on the gateway's registry, fed by router and admission
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -57,6 +64,11 @@ def create_app(state: GatewayState) -> FastAPI:
             await state.scaler.close()
         await state.router.close()
 
+    if state.slo_metrics is None:
+        state.slo_metrics = SloMetrics(state.model.name, state.metrics.registry)
+    state.router.observer = state.slo_metrics
+    if state.router.admission is not None:
+        state.router.admission.observer = state.slo_metrics
     app = FastAPI(title="pdserve", version=__version__, lifespan=lifespan)
     app.state.gateway = state
     _install_error_handlers(app)
@@ -67,7 +79,8 @@ def create_app(state: GatewayState) -> FastAPI:
 
 
 def _error_response(exc: PdserveError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.error_type, int(exc.status), exc.param), status_code=int(exc.status))
+    return JSONResponse(error_body(exc.message, exc.error_type, int(exc.status), exc.param), status_code=int(exc.status),
+                        headers=getattr(exc, "headers", None))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -154,13 +167,17 @@ def _install_routes(app: FastAPI, state: GatewayState) -> None:
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest)
         _check_model(body.model, state.model)
-        return await create_completion(body, request, state.model, state.router, state.metrics)
+        slo = request_slo(request.headers, body, state.slo)
+        return await create_completion(body, request, state.model, state.router, state.metrics, slo,
+                                       state.slo_metrics)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         _check_model(body.model, state.model)
-        return await create_chat_completion(body, request, state.model, state.router, state.metrics)
+        slo = request_slo(request.headers, body, state.slo)
+        return await create_chat_completion(body, request, state.model, state.router, state.metrics, slo,
+                                            state.slo_metrics)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

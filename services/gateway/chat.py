@@ -22,6 +22,8 @@ from pdserve.gateway.sse import event, usage
 from pdserve.router.controller import Router
 from pdserve.shared.errors import InvalidRequestError
 from pdserve.shared.metrics import Metrics
+from pdserve.shared.slo import RequestSlo
+from pdserve.shared.slo_metrics import SloMetrics
 from pdserve.shared.protocol import TokenLogprob
 
 
@@ -66,11 +68,12 @@ def prepare(body: Any, model: ServedModel) -> tuple[list[int], Any, int]:
 
 
 async def create_chat_completion(body: Any, raw: Request, model: ServedModel, router: Router,
-                                 metrics: Metrics) -> Response:
+                                 metrics: Metrics,
+                                 slo: RequestSlo | None = None, slo_metrics: SloMetrics | None = None) -> Response:
     prompt, params, max_tokens = prepare(body, model)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(router, metrics, request_id, [prompt], params, max_tokens)
-    generation.place()
+    generation = Generation(router, metrics, request_id, [prompt], params, max_tokens, slo, slo_metrics)
+    await until_disconnect(raw, generation.place())  # a client gone while queued leaves the queue
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return streaming_response(generation, lambda: _chunks(generation, model.name, include_usage))

@@ -1,7 +1,8 @@
 """One API request's run through the cluster: placement, engine streams, metrics.
 
 Lifecycle:
-  prepared (token ids, sampling params) -> placed (router) -> dispatched
+  prepared (token ids, sampling params, SLO) -> placed (router: admission may wait or refuse, 429)
+  -> dispatched
   -> deltas merged from every prompt's engine stream -> finished
   | rejected (no placement) | error (engine failed) | aborted (client left)
 Whatever ends the iteration, every engine request still running is aborted
@@ -21,6 +22,8 @@ from pdserve.shared.errors import PdserveError
 from pdserve.shared.lifecycle import Outcome, RequestLifecycle
 from pdserve.shared.metrics import Metrics
 from pdserve.shared.protocol import EngineRequest, OutputDelta, TokenLogprob
+from pdserve.shared.slo import RequestSlo
+from pdserve.shared.slo_metrics import SloMetrics
 from pdserve.shared.streams import END, drain
 
 
@@ -54,6 +57,8 @@ class Generation:
     prompts: list[list[int]]
     sampling_params: Any
     max_tokens: int
+    slo: RequestSlo | None = None  # None: the router's defaults
+    slo_metrics: SloMetrics | None = None
     life: RequestLifecycle = field(init=False)
     finish_reasons: list[str] = field(default_factory=list)
     _placements: list[Route] = field(default_factory=list)
@@ -78,22 +83,29 @@ class Generation:
         self.life.finish(Outcome.REJECTED)
         self.metrics.observe_request(self.life, [])
 
-    def place(self) -> None:
+    async def place(self) -> None:
         """Choose an instance for every prompt; a `PdserveError` means nothing reached an engine.
 
-        Called before any response byte is sent, so a refusal keeps its HTTP status.
+        Called before any response byte is sent, so a refusal (a 429 from admission control) keeps
+        its HTTP status. A prompt refused after others were placed gives their placements back.
         """
+        placed = []
         try:
-            self._placements = [self.router.place(RequestInfo(f"{self.request_id}-{i}", len(p), self.max_tokens), p)
-                                for i, p in enumerate(self.prompts)]
-        except PdserveError:
-            self.reject()
+            for i, p in enumerate(self.prompts):
+                placed.append(await self.router.admit(
+                    RequestInfo(f"{self.request_id}-{i}", len(p), self.max_tokens, self.life.arrival, self.slo), p))
+        except BaseException as exc:
+            for route in placed:
+                self.router.release(route)
+            if isinstance(exc, PdserveError):
+                self.reject()
             raise
+        self._placements = placed
 
     async def deltas(self) -> AsyncIterator[tuple[int, OutputDelta]]:
         """(choice index across all prompts, delta), in arrival order."""
         if not self._placements:
-            self.place()
+            await self.place()
         self.life.mark_dispatched()
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._run_one(i, route, queue)) for i, route in enumerate(self._placements)]
@@ -109,6 +121,10 @@ class Generation:
                     raise item
                 self._record(item)
                 self._record_cached(prompt_index, item)
+                ticket = self._placements[prompt_index].ticket
+                if ticket is not None and item.token_ids:
+                    # the first token ends the prompt's prefill: it stops counting in P's queue
+                    self.router.tokens(ticket, len(item.token_ids))
                 yield prompt_index * self.n + item.index, item
             outcome = Outcome.OK
         except (asyncio.CancelledError, GeneratorExit):
@@ -122,6 +138,8 @@ class Generation:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self.life.finish(outcome)
             self.metrics.observe_request(self.life, self.finish_reasons)
+            if self.slo_metrics is not None:
+                self.slo_metrics.observe_request(self.slo, self.life)
 
     async def _run_one(self, prompt_index: int, route: Route, queue: asyncio.Queue) -> None:
         prompt = self.prompts[prompt_index]

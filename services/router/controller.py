@@ -9,6 +9,10 @@ Lifecycle of an instance, as the controller sees it:
 The policy only ever places on READY instances (`InstanceSnapshot.healthy`).
 The controller does the I/O (polling stats, counting outstanding requests,
 restarting); the decision itself is the pure policy in `pdserve.router.policy`.
+Load the router put on an instance counts from the placement on (`accounting.Ledger`:
+optimistic between stats polls), a prompt's tokens until its first token (its prefill's
+end). With an admission queue (`admission.AdmissionQueue`), `admit()` waits for a placement
+that meets the request's SLO or refuses it with a 429.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Protocol, Sequence
 
+from pdserve.router.accounting import Ledger, Ticket
+from pdserve.router.admission import AdmissionQueue, PlacementRejected
+from pdserve.router.latency_model import LatencyModel
 from pdserve.router.policy import PlacementPolicy
-from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Rejection, RequestInfo
+from pdserve.router.snapshot import ClusterSnapshot, Decision, InstanceSnapshot, Placement, Rejection, RequestInfo
 from pdserve.kv_transfer.reservations import ReservationSource
 from pdserve.router.handoff import Handoff
 from pdserve.router.prefix_tracker import PrefixTracker
-from pdserve.shared.errors import CapacityError, ConfigError, ContextLengthExceededError
+from pdserve.shared.errors import ConfigError, ContextLengthExceededError
 from pdserve.shared.protocol import EngineRequest, EngineStats, OutputDelta
 from pdserve.shared.roles import InstanceState
 from pdserve.worker.client import EngineClient
@@ -36,12 +43,19 @@ logger = logging.getLogger(__name__)
 _FAILED_POLLS_DEAD = 3  # stats calls failing in a row before an instance counts as dead
 
 
+class RouterObserver(Protocol):
+    def decided(self, request: RequestInfo, decision: Decision) -> None: ...
+
+    def finished(self, ticket: Ticket) -> None: ...
+
+
 @dataclass(frozen=True)
 class Route:
     """Where one request runs: the same client twice when colocated."""
 
     prefill: EngineClient
     decode: EngineClient
+    ticket: Ticket | None = dataclasses.field(default=None, compare=False)  # its load in the router's ledger
 
     @property
     def colocated(self) -> bool:
@@ -56,7 +70,7 @@ class Router:
                  inbox: ReservationSource | None = None, reservation_timeout_s: float = 300.0,
                  transfer_timeout_s: float = 30.0,
                  on_restart: Callable[[EngineStats], None] | None = None, restart_backoff_s: float = 1.0,
-                 prefix: PrefixTracker | None = None) -> None:
+                 prefix: PrefixTracker | None = None, admission: AdmissionQueue | None = None) -> None:
         if not clients:
             raise ValueError("the router needs at least one instance")
         self.clients = {c.instance_id: c for c in clients}
@@ -67,8 +81,12 @@ class Router:
         self.handoff_counters: dict[str, int] = {}
         self._on_stats = on_stats
         self._stats: dict[str, EngineStats] = {}
-        self._outstanding: dict[str, int] = {iid: 0 for iid in self.clients}
-        self._outstanding_prompt: dict[str, int] = {iid: 0 for iid in self.clients}
+        self.ledger = Ledger()
+        for iid in self.clients:
+            self.ledger.add_instance(iid)
+        self.admission = admission  # None: a request no placement meets is refused at once (503)
+        # Told every policy decision and every closed ticket (predictions, timings): the SLO metrics.
+        self.observer: RouterObserver | None = None
         self._poller: asyncio.Task | None = None
         self._on_restart = on_restart
         self._restart_backoff_s = restart_backoff_s
@@ -82,23 +100,27 @@ class Router:
     def snapshot(self, prefix: dict[str, int] | None = None) -> ClusterSnapshot:
         """The instances' latest stats; `prefix`: leading prompt blocks each holds, for one request."""
         prefix = prefix or {}
-        instances = tuple(
-            InstanceSnapshot(
-                instance_id=stats.instance_id,
-                role=stats.role,
-                healthy=stats.healthy,
-                num_running=stats.num_running,
-                num_waiting=stats.num_waiting,
-                outstanding=self._outstanding[stats.instance_id],
-                outstanding_prefill_tokens=self._outstanding_prompt[stats.instance_id],
-                kv_blocks_total=stats.kv_blocks_total,
-                kv_blocks_free=stats.kv_blocks_free,
-                block_size=self.clients[stats.instance_id].info.block_size,
-                prefix_blocks=prefix.get(stats.instance_id, 0),
-            )
-            for stats in self.latest_stats()
+        return ClusterSnapshot(tuple(self._instance(stats, prefix) for stats in self.latest_stats()),
+                               now=time.monotonic())
+
+    def _instance(self, stats: EngineStats, prefix: dict[str, int]) -> InstanceSnapshot:
+        load, block_size = self.ledger.load(stats.instance_id), self.clients[stats.instance_id].info.block_size
+        # Placements the last poll cannot have seen hold KV the engine's figure does not show yet.
+        unseen = sum(-(-tokens // block_size) for tokens in load.pending_kv_tokens)
+        return InstanceSnapshot(
+            instance_id=stats.instance_id,
+            role=stats.role,
+            healthy=stats.healthy,
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            outstanding=load.outstanding,
+            outstanding_prefill_tokens=load.prefill_tokens,
+            kv_blocks_total=stats.kv_blocks_total,
+            kv_blocks_free=max(stats.kv_blocks_free - unseen, 0),
+            block_size=block_size,
+            prefix_blocks=prefix.get(stats.instance_id, 0),
+            outstanding_context_tokens=load.context_tokens,
         )
-        return ClusterSnapshot(instances, now=time.monotonic())
 
     def latest_stats(self) -> list[EngineStats]:
         """Every instance's last reported stats (healthy until a report says otherwise)."""
@@ -124,15 +146,53 @@ class Router:
             keys = self.prefix.keys(prompt_token_ids, block_size)
             prefix = self.prefix.lookup(keys, list(self.clients), now)
         decision = self.policy.decide(request, self.snapshot(prefix))
+        if self.observer is not None:
+            self.observer.decided(request, decision)
         if isinstance(decision, Rejection):
             if decision.retryable:
-                raise CapacityError(decision.reason)
+                raise PlacementRejected(decision, request)
             raise ContextLengthExceededError(decision.reason)
         if self.prefix is not None and keys:
             self.prefix.placed(decision, keys, prefix, request.prompt_tokens,
                                self.clients[decision.decode].info.block_size,
                                {iid: c.info.role for iid, c in self.clients.items()}, now)
-        return Route(prefill=self.clients[decision.prefill], decode=self.clients[decision.decode])
+        ticket = self.ledger.open(Ticket(request.request_id, decision.prefill, decision.decode, request.prompt_tokens,
+                                         request.max_tokens, time.monotonic(), decision, request.slo))
+        return Route(prefill=self.clients[decision.prefill], decode=self.clients[decision.decode], ticket=ticket)
+
+    async def admit(self, request: RequestInfo, prompt_token_ids: Sequence[int] | None = None) -> Route:
+        """`place()`, through the admission queue when there is one (it may wait, or refuse with a 429)."""
+        if self.admission is None:
+            return self.place(request, prompt_token_ids)
+        return await self.admission.admit(request, lambda info: self.place(info, prompt_token_ids), self.release)
+
+    def release(self, route: Route) -> None:
+        """A placement whose request will not run (its client left as it was placed): it counts no more."""
+        if route.ticket is not None:
+            self.ledger.close(route.ticket)
+            self._changed()
+
+    def tokens(self, ticket: Ticket, count: int) -> None:
+        """`count` output tokens of `ticket`'s request arrived; the first ends its prefill's queue share."""
+        if self.ledger.tokens(ticket, count, time.monotonic()):
+            self._changed()
+
+    def _changed(self) -> None:
+        """The load changed (a prefill ended, a request finished, stats came): waiting requests may fit."""
+        if self.admission is not None:
+            self.admission.wake()
+
+    def _observe(self, ticket: Ticket) -> None:
+        """A finished request's actual latencies against the policy's predictions (calibration, metrics)."""
+        placement = ticket.placement
+        model = getattr(self.policy, "model", None)
+        if isinstance(model, LatencyModel) and isinstance(placement, Placement):
+            if placement.predicted_ttft_s is not None and ticket.ttft_s is not None:
+                model.observe(placement.prefill, "prefill", placement.predicted_ttft_s, ticket.ttft_s)
+            if placement.predicted_tpot_s is not None and ticket.tpot_s is not None:
+                model.observe(placement.decode, "decode", placement.predicted_tpot_s, ticket.tpot_s)
+        if self.observer is not None:
+            self.observer.finished(ticket)
 
     def stream(self, route: Route, request: EngineRequest) -> AsyncIterator[OutputDelta]:
         """The request's deltas from its route: one engine, or P then D with a KV handoff."""
@@ -145,22 +205,25 @@ class Router:
 
     @contextlib.contextmanager
     def track(self, route: Route, prompt_tokens: int):
-        """Count a request as outstanding on its instances while the block runs."""
-        decode, prefill = route.decode.instance_id, route.prefill.instance_id
-        self._outstanding[decode] += 1
-        self._outstanding_prompt[prefill] += prompt_tokens
+        """The request runs while the block does: its ticket (placement's, or a new one) is started, then closed.
+
+        Yields the ticket; report its tokens with `tokens()` so that its prompt stops counting
+        on the prefill instance when the prefill ends.
+        """
+        ticket = getattr(route, "ticket", None) or self.ledger.open(Ticket(
+            "", route.prefill.instance_id, route.decode.instance_id, prompt_tokens, 0, time.monotonic()))
+        self.ledger.start(ticket)
         try:
-            yield
+            yield ticket
         finally:
-            # An instance removed after its drain timed out has no counters left to decrement.
-            if decode in self._outstanding:
-                self._outstanding[decode] -= 1
-            if prefill in self._outstanding_prompt:
-                self._outstanding_prompt[prefill] -= prompt_tokens
+            self.ledger.close(ticket)
+            self._observe(ticket)
+            self._changed()
 
     async def refresh(self) -> None:
         """Fetch every instance's stats once; start repairing the dead ones."""
         clients = list(self.clients.items())  # instances may come and go while the stats are fetched
+        started = time.monotonic()
         results = await asyncio.gather(*(c.stats() for _, c in clients), return_exceptions=True)
         for (iid, client), result in zip(clients, results):
             if iid not in self.clients:
@@ -175,11 +238,16 @@ class Router:
                 result = EngineStats(iid, client.info.role, healthy=False, state=state)
             else:
                 self._stats_failures[iid] = 0
+                self.ledger.polled(iid, started)
             self._stats[iid] = result
             if self._on_stats is not None:
                 self._on_stats(result)
             if result.state is InstanceState.DEAD:
                 self._schedule_restart(iid)
+        for ticket in self.ledger.expire(time.monotonic()):
+            logger.warning("placement of %s on %s/%s never started: no longer counted", ticket.request_id,
+                           ticket.prefill, ticket.decode)
+        self._changed()
 
     def _schedule_restart(self, iid: str) -> None:
         not_before, _ = self._next_restart.get(iid, (0.0, self._restart_backoff_s))
@@ -217,7 +285,8 @@ class Router:
         if iid in self.clients:
             raise ConfigError(f"instance {iid} is registered already")
         self.clients[iid] = client
-        self._outstanding[iid], self._outstanding_prompt[iid], self.restarts[iid] = 0, 0, 0
+        self.ledger.add_instance(iid)
+        self.restarts[iid] = 0
         self._stats[iid] = EngineStats(iid, client.info.role, kv_blocks_total=client.info.kv_blocks_total)
         if self.prefix is not None:
             self.prefix.restarted(client.info)  # its cache starts empty
@@ -229,7 +298,8 @@ class Router:
             raise ConfigError(f"no instance {iid}")
         self.draining.add(iid)
         deadline = time.monotonic() + timeout_s
-        while self._outstanding.get(iid, 0) or self._outstanding_prompt.get(iid, 0):
+        # Requests whose streams opened; a placement that never starts expires instead.
+        while self.ledger.load(iid).started:
             if time.monotonic() >= deadline:
                 logger.warning("instance %s: drain timed out after %.0f s with requests left", iid, timeout_s)
                 return False
@@ -239,9 +309,9 @@ class Router:
     def unregister(self, iid: str) -> EngineClient:
         """Forget `iid` (drained or dead for good); returns its client for the caller to stop."""
         client = self.clients.pop(iid)
-        for table in (self._outstanding, self._outstanding_prompt, self.restarts, self._stats,
-                      self._stats_failures, self._next_restart):
+        for table in (self.restarts, self._stats, self._stats_failures, self._next_restart):
             table.pop(iid, None)
+        self.ledger.remove_instance(iid)
         self.draining.discard(iid)
         if self.prefix is not None:
             self.prefix.forget(iid)  # its events stop; nothing may be placed there for its cache
@@ -262,6 +332,8 @@ class Router:
         self._poller = asyncio.get_running_loop().create_task(poll())
 
     async def close(self) -> None:
+        if self.admission is not None:
+            self.admission.close()
         for task in [self._poller, *self._restarting.values()]:
             if task is not None:
                 task.cancel()

@@ -1,0 +1,233 @@
+"""Admission control: a request no placement meets the SLO of waits (bounded, with a deadline) or is refused.
+
+Lifecycle of a request here:
+  tried at once (unless requests of its class or a higher one wait: it queues behind them)
+  -> placed | refused at once (429: its class's queue is full, it may not wait, or the reason is
+     not one waiting cures) | queued
+  -> queued: retried whenever the load changes (a prefill ended, a request finished, stats came),
+     interactive requests first, each class first-come first-served; a batch request is not
+     tried while an interactive one waits (batch yields)
+  -> placed | refused with 429 when its deadline passes (the class's timeout, capped by its
+     TTFT target: every second waited is taken off the TTFT budget it is placed with).
+No other wait: the queue per class is bounded (`slo.admission.*_queue`), every wait has a deadline.
+Which reasons queue (`shared.slo.QUEUEABLE`): the ones capacity freeing up cures (KV room, decode
+batch). "No healthy instance" stays a 503 at once, "never fits" a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from pdserve.router.snapshot import Rejection, RequestInfo
+from pdserve.shared.errors import CapacityError, PdserveError
+from pdserve.shared.slo import QUEUEABLE, DecisionReason, Priority, RequestSlo, SloRejectedError
+from pdserve.shared.slo_config import SloRoutingConfig
+
+if TYPE_CHECKING:
+    from pdserve.router.controller import Route
+
+_MIN_BUDGET_S = 1e-3  # a request retried at its TTFT deadline still has a (hopeless) positive target
+
+
+class PlacementRejected(CapacityError):
+    """The policy refused a request that may fit later; without an admission queue, a 503."""
+
+    def __init__(self, rejection: Rejection, request: RequestInfo) -> None:
+        super().__init__(rejection.reason)
+        self.rejection, self.request = rejection, request
+
+
+class AdmissionObserver(Protocol):
+    """What the admission queue reports (the SLO metrics implement it)."""
+
+    def admitted(self, priority: Priority, waited_s: float, queued: bool) -> None: ...
+
+    def rejected(self, priority: Priority, reason: DecisionReason, waited_s: float) -> None: ...
+
+    def queue_depth(self, priority: Priority, depth: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Waiter:
+    request: RequestInfo
+    slo: RequestSlo
+    attempt: Callable[[RequestInfo], "Route"]
+    enqueued_at: float
+    deadline: float
+    future: asyncio.Future
+    last: Rejection | None = None
+
+
+class AdmissionQueue:
+    """Per-priority bounded queues with deadlines in front of the placement policy; see the module docstring."""
+
+    def __init__(self, config: SloRoutingConfig | None = None, observer: AdmissionObserver | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or SloRoutingConfig()
+        self.observer = observer
+        self.clock = clock
+        self.queues: dict[Priority, deque[_Waiter]] = {p: deque() for p in (Priority.INTERACTIVE, Priority.BATCH)}
+        self._waking = False
+
+    def depth(self, priority: Priority) -> int:
+        return len(self.queues[priority])
+
+    async def admit(self, request: RequestInfo, attempt: Callable[[RequestInfo], "Route"],
+                    abandon: Callable[["Route"], None] | None = None) -> "Route":
+        """A route for `request` from `attempt` (which raises `PlacementRejected`), now or after a wait."""
+        slo = request.slo or self.config.resolve()
+        request = dataclasses.replace(request, slo=slo)
+        now = self.clock()
+        rejection = None
+        if not self._ahead(slo.priority):
+            try:
+                route = attempt(request)
+            except PlacementRejected as exc:
+                rejection = exc.rejection
+                if rejection.code not in QUEUEABLE:
+                    raise self._final(request, slo, rejection, 0.0, exc) from None
+            else:
+                self._report_admitted(slo.priority, 0.0, queued=False)
+                return route
+        limit, timeout = self.config.queue_limit(slo.priority)
+        timeout = min(timeout, slo.ttft_s)
+        if timeout <= 0 or len(self.queues[slo.priority]) >= limit:
+            reason = DecisionReason.QUEUE_FULL if timeout > 0 or rejection is None else rejection.code
+            raise self._refuse(request, slo, reason, rejection, 0.0)
+        waiter = _Waiter(request, slo, attempt, now, now + timeout, asyncio.get_running_loop().create_future(),
+                         rejection)
+        self.queues[slo.priority].append(waiter)
+        self._report_depth()
+        self.wake()
+        return await self._wait(waiter, abandon)
+
+    async def _wait(self, waiter: _Waiter, abandon: Callable[["Route"], None] | None) -> "Route":
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), max(waiter.deadline - self.clock(), 0.0))
+        except asyncio.TimeoutError:
+            if waiter.future.done():
+                return waiter.future.result()  # placed (or refused) in the same instant
+            self._remove(waiter)
+            raise self._refuse(waiter.request, waiter.slo, DecisionReason.QUEUE_DEADLINE, waiter.last,
+                               self.clock() - waiter.enqueued_at) from None
+        except asyncio.CancelledError:
+            self._remove(waiter)  # the client left while waiting
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None \
+                    and abandon is not None:
+                abandon(waiter.future.result())  # placed just as it left: give the load back
+            raise
+
+    def wake(self) -> None:
+        """Retry the waiting requests in order; stop at the first that still does not fit (batch yields)."""
+        if self._waking:
+            return
+        self._waking = True
+        try:
+            for priority in (Priority.INTERACTIVE, Priority.BATCH):
+                if not self._drain(self.queues[priority]):
+                    break  # its head waits on: lower classes wait behind it
+        finally:
+            self._waking = False
+            self._report_depth()
+
+    def _drain(self, queue: deque[_Waiter]) -> bool:
+        """Place from the head of `queue` while that works; True if the queue emptied."""
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():
+                queue.popleft()
+                continue
+            now = self.clock()
+            waited = now - waiter.enqueued_at
+            if now >= waiter.deadline:
+                queue.popleft()  # its own wait ends at the same deadline; refuse it here so the next goes on
+                waiter.future.set_exception(self._refuse(waiter.request, waiter.slo, DecisionReason.QUEUE_DEADLINE,
+                                                         waiter.last, waited))
+                continue
+            try:
+                route = waiter.attempt(_with_budget(waiter.request, waiter.slo, waited))
+            except PlacementRejected as exc:
+                waiter.last = exc.rejection
+                if exc.rejection.code in QUEUEABLE:
+                    return False
+                queue.popleft()  # waiting made it hopeless (its TTFT budget is spent): refuse now
+                waiter.future.set_exception(self._final(waiter.request, waiter.slo, exc.rejection, waited, exc))
+                continue
+            except PdserveError as exc:
+                queue.popleft()
+                waiter.future.set_exception(exc)
+                continue
+            queue.popleft()
+            waiter.future.set_result(route)
+            self._report_admitted(waiter.slo.priority, waited, queued=True)
+        return True
+
+    def close(self) -> None:
+        """Refuse everyone waiting (the router is stopping)."""
+        for queue in self.queues.values():
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(CapacityError("the server is shutting down"))
+        self._report_depth()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _ahead(self, priority: Priority) -> bool:
+        """Requests of `priority` or a higher class wait: a newcomer queues behind them."""
+        if self.queues[Priority.INTERACTIVE]:
+            return True
+        return priority is Priority.BATCH and bool(self.queues[Priority.BATCH])
+
+    def _remove(self, waiter: _Waiter) -> None:
+        queue = self.queues[waiter.slo.priority]
+        if waiter in queue:
+            queue.remove(waiter)
+            self._report_depth()
+            self.wake()  # it may have been the head others waited behind
+
+    def _final(self, request: RequestInfo, slo: RequestSlo, rejection: Rejection, waited: float,
+               exc: PlacementRejected) -> PdserveError:
+        """A rejection waiting cannot cure: 429 for an SLO reason, the policy's own error otherwise."""
+        if rejection.code is None or rejection.code is DecisionReason.NO_INSTANCE:
+            return exc  # not an SLO matter: 503, as without admission control
+        return self._refuse(request, slo, rejection.code, rejection, waited)
+
+    def _refuse(self, request: RequestInfo, slo: RequestSlo, reason: DecisionReason, last: Rejection | None,
+                waited: float) -> SloRejectedError:
+        retry = max(last.retry_after_s or 0.0, 0.0) if last is not None else 0.0
+        retry = max(retry, self.config.admission.min_retry_after_s)
+        if reason is DecisionReason.QUEUE_FULL:
+            limit, _ = self.config.queue_limit(slo.priority)
+            message = f"the {slo.priority.value} admission queue is full ({limit} requests waiting)"
+        elif reason is DecisionReason.QUEUE_DEADLINE:
+            message = (f"no placement met the request's SLO within {waited:.2f} s in the {slo.priority.value} "
+                       "admission queue")
+        else:
+            message = f"the request cannot be admitted now ({slo.priority.value} class)"
+        if last is not None and last.reason:
+            message += f"; {last.reason}"
+        if self.observer is not None:
+            self.observer.rejected(slo.priority, reason, waited)
+        return SloRejectedError(f"{message}. Retry after {max(1, math.ceil(retry))} s, or relax the request's "
+                                "SLO (x-slo-ttft-ms, x-slo-tpot-ms) or priority (x-priority: batch).",
+                                reason, retry, slo.priority)
+
+    def _report_admitted(self, priority: Priority, waited: float, queued: bool) -> None:
+        if self.observer is not None:
+            self.observer.admitted(priority, waited, queued)
+
+    def _report_depth(self) -> None:
+        if self.observer is not None:
+            for priority, queue in self.queues.items():
+                self.observer.queue_depth(priority, len(queue))
+
+
+def _with_budget(request: RequestInfo, slo: RequestSlo, waited_s: float) -> RequestInfo:
+    """The request as placed after waiting `waited_s`: that much less of its TTFT target is left."""
+    return dataclasses.replace(request, slo=dataclasses.replace(slo, ttft_s=max(slo.ttft_s - waited_s, _MIN_BUDGET_S)))
