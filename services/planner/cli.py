@@ -73,7 +73,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-model", default="physical", choices=DECODE_MODELS,
                    help="physical: weights + KV bytes over memory bandwidth plus per-request compute, fitted to the "
                    "profile and bounded by the machine's peaks (default); batch: piecewise linear in batch size, "
-                   "extended linearly; splitwise-sim: as Splitwise's simulator (about flat in batch size).")
+                   "extended linearly; flat: the measured batch curve held flat past the profile, floored at the "
+                   "roofline (a lower bound: the fastest step the profile allows); splitwise-sim: as Splitwise's "
+                   "simulator (about its batch-1 step at any batch size).")
     g.add_argument("--model", required=True, help="Model name as in the profile's `model` column.")
     g.add_argument("--weight-gb", type=float, help="Model weights, GB per instance (built in for llama2-70b).")
     g.add_argument("--kv-bytes-per-token", type=int, help="KV bytes per token (built in for llama2-70b).")

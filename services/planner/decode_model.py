@@ -23,6 +23,13 @@ Without the machine's limits (a profile from `pdserve profile` on an
 unlisted machine) the same form is fitted with only non-negativity, and ctx
 is counted in tokens.
 
+`FlatDecode` is the opposite reading of the same profile: the fastest step
+it allows if a bigger batch is never faster than a smaller one (the measured
+curve, held flat past its last batch size) and no step beats the hardware's
+roofline. It is a lower bound, not a prediction: a conclusion that holds
+under both it and `PhysicalDecode` does not hang on how the profile is
+extended.
+
 Pure: numbers in, numbers out.
 """
 
@@ -142,3 +149,45 @@ def fit_physical(points: list[DecodePoint], limits: DecodeLimits) -> PhysicalDec
         weights /= weights.sum()
     assert best is not None
     return PhysicalDecode(float(best[0]), float(best[1]), float(best[2]), limits)
+
+
+@dataclass(frozen=True)
+class FlatDecode:
+    """step = max(measured step at this batch size, held flat past the profile; the roofline floor).
+
+    The most favourable step a profile allows: between measured batch sizes it
+    interpolates the points (per batch size, as `decode_points` pools them),
+    past the largest one it stays at that one's time (a batch of 512 costs what
+    a batch of 64 cost), and it never beats the roofline: the larger of the
+    bytes read over the peak bandwidth and the FLOPs over the peak compute.
+    Context beyond that floor is ignored: the profile's batch-1 runs over
+    prompt sizes 128-8192 show no trend to extend.
+    """
+
+    batches: tuple[float, ...]
+    steps: tuple[float, ...]  # seconds, measured at `batches`
+    limits: DecodeLimits
+
+    def roofline(self, batch_size: int, context_tokens: float) -> float:
+        lim = self.limits
+        memory = (lim.weight_bytes + lim.kv_bytes_per_token * context_tokens) * lim.min_seconds_per_byte
+        return max(memory, batch_size * lim.min_seconds_per_request)
+
+    def step_time(self, batch_size: int, context_tokens: float) -> float:
+        measured = float(np.interp(batch_size, self.batches, self.steps))  # np.interp holds both ends flat
+        return max(measured, self.roofline(batch_size, context_tokens))
+
+
+def flat_from_points(points: list[DecodePoint], limits: DecodeLimits) -> FlatDecode:
+    """The flat lower bound through `points` (one per batch size), made non-decreasing in batch size.
+
+    A measured step shorter than a smaller batch's (noise) is raised to it:
+    the bound assumes a bigger batch is never faster, so it must not claim so.
+    """
+    if not points:
+        raise ProfileError("no decode points to fit")
+    ordered = sorted(points, key=lambda p: p.batch)
+    steps = np.maximum.accumulate([p.seconds for p in ordered])
+    if np.any(steps <= 0):
+        raise ProfileError("decode times must be positive")
+    return FlatDecode(tuple(float(p.batch) for p in ordered), tuple(float(s) for s in steps), limits)

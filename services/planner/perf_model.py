@@ -17,6 +17,10 @@ prompt_time,token_time,e2e_time,tensor_parallel`, times in milliseconds.
   - "batch": piecewise linear in the batch size (the sweep over batch sizes
     at one prompt size), plus a per-context-token term fitted on the batch-1
     runs over prompt sizes; linear extension past the last point;
+  - "flat" (`decode_model.FlatDecode`): the measured batch curve held flat
+    past the profile, floored at the roofline: the fastest step the profile
+    allows if a bigger batch is never faster, a lower bound to check whether
+    a conclusion depends on the extension;
   - "splitwise-sim": as Splitwise's simulator computes it.
 """
 
@@ -32,13 +36,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.planner.decode_model import DecodeLimits, DecodePoint, PhysicalDecode, fit_physical
+from pdserve.planner.decode_model import (DecodeLimits, DecodePoint, FlatDecode, PhysicalDecode, fit_physical,
+                                         flat_from_points)
 from pdserve.planner.errors import ProfileError
 
 SPLITWISE_PROFILE = "splitwise_perf_model.csv"
 SPLITWISE_SHA256 = "dbbe505d1d64fc4bd1ec03c50edf944643586de4f68a81e94cbd55dd5bdfbf41"
 SPLITWISE_URL = "https://raw.githubusercontent.com/Mutinifni/splitwise-sim/main/data/perf_model.csv"
-DECODE_MODELS = ("physical", "batch", "splitwise-sim")
+DECODE_MODELS = ("physical", "batch", "flat", "splitwise-sim")
 COLUMNS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "peak_power", "average_power",
            "prompt_time", "token_time", "e2e_time", "tensor_parallel")
 
@@ -68,15 +73,15 @@ class PerfModel:
     decode: Interp1D  # batch size -> seconds per step, at `ref_context` tokens per request
     ref_context: float = 0.0
     context_slope: float = 0.0  # seconds per step per extra context token in the batch
-    physical: PhysicalDecode | None = None  # when set, decode steps follow it instead of `decode`
+    step_model: PhysicalDecode | FlatDecode | None = None  # when set, decode steps follow it instead of `decode`
 
     def prefill_time(self, batch_tokens: int) -> float:
         return self.prefill(batch_tokens)
 
     def decode_step_time(self, batch_size: int, context_tokens: float | None = None) -> float:
-        if self.physical is not None:
+        if self.step_model is not None:
             ctx = batch_size * self.ref_context if context_tokens is None else context_tokens
-            return self.physical.step_time(batch_size, ctx)
+            return self.step_model.step_time(batch_size, ctx)
         base = self.decode(batch_size)
         if context_tokens is None or not self.context_slope:
             return base
@@ -151,8 +156,12 @@ def build_model(rows: list[dict], decode_model: str = "physical", limits: Decode
     decode = Interp1D(bx, [y / 1000 for y in by], floor=min(by) / 1000 * 0.5)
     ref_context = ref_prompt + statistics.median(r["token_size"] for r in at_ref) / 2
     single = [(r["prompt_size"] + r["token_size"] / 2, r["token_time"] / 1000) for r in rows if r["batch_size"] == 1]
-    physical = fit_physical(decode_points(rows), limits or DecodeLimits()) if decode_model == "physical" else None
-    return PerfModel(prefill, decode, ref_context, _fit_slope(single), physical)
+    step_model: PhysicalDecode | FlatDecode | None = None
+    if decode_model == "physical":
+        step_model = fit_physical(decode_points(rows), limits or DecodeLimits())
+    elif decode_model == "flat":
+        step_model = flat_from_points(decode_points(rows), limits or DecodeLimits())
+    return PerfModel(prefill, decode, ref_context, _fit_slope(single), step_model)
 
 
 class ProfileSet:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdserve.planner.decode_model import DecodeLimits, DecodePoint, fit_physical
+from pdserve.planner.decode_model import DecodeLimits, DecodePoint, fit_physical, flat_from_points
 from pdserve.planner.hardware import DEFAULT_MACHINES, DEFAULT_MODELS, decode_limits
 from pdserve.planner.perf_model import ProfileSet, decode_points, read_profile_csv
 
@@ -91,3 +91,43 @@ def test_physical_model_stays_between_the_interpolation_and_splitwise_sims_flat_
     ctx = 512 * 1500
     assert phys.decode_step_time(512, ctx) < batch.decode_step_time(512, ctx)
     assert phys.decode_step_time(512, ctx) > phys.decode_step_time(64, 64 * 1500)
+
+
+def test_flat_bound_interpolates_holds_flat_past_the_profile_and_keeps_the_roofline():
+    limits = DecodeLimits(weight_bytes=1e10, kv_bytes_per_token=1e5, peak_bandwidth=1e12, flops_per_token=1e9,
+                          peak_flops=1e13)
+    pts = [DecodePoint(1, 500, 0.030), DecodePoint(32, 32 * 500, 0.040), DecodePoint(64, 64 * 500, 0.050)]
+    flat = flat_from_points(pts, limits)
+    assert flat.step_time(48, 48 * 500) == pytest.approx(0.045)  # between points: interpolated
+    assert flat.step_time(512, 512 * 500) == pytest.approx(0.051200)  # 512 x 1e9 / 1e13 = 51.2 ms > 50 ms
+    assert flat.step_time(256, 256 * 500) == pytest.approx(0.050)  # past the profile: flat at batch 64's step
+    # roofline: 1e10 + 1e5 x 1e6 bytes over 1e12 B/s = 110 ms, beyond any measured step
+    assert flat.step_time(64, 1e6) == pytest.approx(0.110)
+
+
+def test_flat_bound_never_claims_a_bigger_batch_is_faster():
+    noisy = [DecodePoint(1, 500, 0.031), DecodePoint(2, 1000, 0.030), DecodePoint(4, 2000, 0.032)]
+    flat = flat_from_points(noisy, DecodeLimits())
+    assert flat.step_time(2, 1000) == pytest.approx(0.031)
+    steps = [flat.step_time(b, 0) for b in range(1, 600)]
+    assert all(a <= b for a, b in zip(steps, steps[1:]))
+
+
+@needs_splitwise
+def test_flat_bound_reproduces_the_profile_and_is_never_slower_than_the_physical_model():
+    m = DEFAULT_MACHINES["h100"]
+    lim = decode_limits(LLAMA, m)
+    flat = ProfileSet.from_csv(SPLITWISE, decode_model="flat").get("llama2-70b", m.profile_hardware, 8, lim)
+    phys = ProfileSet.from_csv(SPLITWISE).get("llama2-70b", m.profile_hardware, 8, lim)
+    slowest_so_far = 0.0  # batch 2's median (30.26 ms) is below batch 1's (30.38 ms): the bound keeps batch 1's
+    for p in decode_points(_splitwise_rows(m.profile_hardware)):
+        slowest_so_far = max(slowest_so_far, p.seconds)
+        assert flat.decode_step_time(int(p.batch), p.context) == pytest.approx(slowest_so_far, rel=1e-9)
+        assert slowest_so_far == pytest.approx(p.seconds, rel=0.005)
+    for b in (64, 128, 256, 512):
+        ctx = b * 1500
+        assert flat.decode_step_time(b, ctx) <= phys.decode_step_time(b, ctx) * 1.05
+        assert flat.decode_step_time(b, ctx) >= (lim.weight_bytes + lim.kv_bytes_per_token * ctx) / lim.peak_bandwidth
+    # Splitwise's simulator reads a batch of 64 decodes as 64 prompt tokens: faster than the profile's own batch 64
+    sim = ProfileSet.from_csv(SPLITWISE, decode_model="splitwise-sim").get("llama2-70b", m.profile_hardware, 8)
+    assert sim.decode_step_time(64) < 0.7 * flat.decode_step_time(64, 64 * 576)
