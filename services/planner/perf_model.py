@@ -113,7 +113,7 @@ def _fit_slope(points: list[tuple[float, float]]) -> float:
     return max(num / den, 0.0)
 
 
-def decode_points(rows: list[dict]) -> list[DecodePoint]:
+def decode_points(rows: list[dict], per_config: bool = False) -> list[DecodePoint]:
     """The profile's decode points: per batch size, the median step over its runs, at their median context.
 
     A run generating `token_size` tokens holds on average prompt + token_size / 2
@@ -121,13 +121,21 @@ def decode_points(rows: list[dict]) -> list[DecodePoint]:
     runs over prompt sizes scatter by +-6% with no trend (Splitwise's H100 rows:
     28.3-31.9 ms for 192-8256 tokens): fitted one by one, that noise, not the
     batch size, would set the parameters.
+
+    `per_config`: one point per (prompt size, batch size, output length), the
+    median of its repeats. Pooling hides the batch-1 sweep over prompt sizes,
+    the only runs where context grows without the batch; with no peak bandwidth
+    to bound the context term, the fit then blames context for what the batch
+    costs (demo CPU profile: 0.010 ms per cached token and nothing per request,
+    68% off on its batch-1 1,024-token runs; per configuration: 12%).
     """
-    groups: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         b = r["batch_size"]
-        groups[b].append((b * (r["prompt_size"] + r["token_size"] / 2), r["token_time"] / 1000))
-    return [DecodePoint(b, statistics.median(c for c, _ in v), statistics.median(t for _, t in v))
-            for b, v in sorted(groups.items())]
+        key = (b, r["prompt_size"], r["token_size"]) if per_config else (b,)
+        groups[key].append((b * (r["prompt_size"] + r["token_size"] / 2), r["token_time"] / 1000))
+    return [DecodePoint(k[0], statistics.median(c for c, _ in v), statistics.median(t for _, t in v))
+            for k, v in sorted(groups.items())]
 
 
 def build_model(rows: list[dict], decode_model: str = "physical", limits: DecodeLimits | None = None) -> PerfModel:
@@ -158,7 +166,9 @@ def build_model(rows: list[dict], decode_model: str = "physical", limits: Decode
     single = [(r["prompt_size"] + r["token_size"] / 2, r["token_time"] / 1000) for r in rows if r["batch_size"] == 1]
     step_model: PhysicalDecode | FlatDecode | None = None
     if decode_model == "physical":
-        step_model = fit_physical(decode_points(rows), limits or DecodeLimits())
+        limits = limits or DecodeLimits()
+        # a peak bandwidth bounds the context term; without one, only the per-configuration runs separate it
+        step_model = fit_physical(decode_points(rows, per_config=limits.peak_bandwidth is None), limits)
     elif decode_model == "flat":
         step_model = flat_from_points(decode_points(rows), limits or DecodeLimits())
     return PerfModel(prefill, decode, ref_context, _fit_slope(single), step_model)
