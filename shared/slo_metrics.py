@@ -17,7 +17,9 @@ from pdserve.shared.lifecycle import Outcome, RequestLifecycle
 from pdserve.shared.slo import DecisionReason, Priority, RequestSlo
 
 # actual / predicted: 1 is a perfect prediction
-_RATIO = (0.1, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0)
+# Edges at 1 / (1 +- e) for e = 10, 20, 30, 50 %: actual / predicted within a pair of them means
+# |predicted / actual - 1| <= e, so the histogram reads as the predictor's error distribution.
+_RATIO = (0.1, 0.25, 0.5, 0.6667, 0.7692, 0.8333, 0.9091, 1.0, 1.1111, 1.25, 1.4286, 2.0, 4.0, 10.0)
 _WAIT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
