@@ -19,9 +19,9 @@ Lifecycle (every step bounded by --deadline):
      in-flight request on two polls in a row), while the router may still
      place new requests on them.
   3. Poll until the node's instances have left the registry (targeted) or are
-     idle (fallback). Exit 0 then; exit 1 at the deadline or if the gateway
-     cannot be reached by then (Kubernetes records a FailedPreStopHook event,
-     and the pod is stopped anyway when its grace period ends).
+     idle (fallback). Exit 0 then; exit 1 at the deadline, or once the gateway
+     has not answered for --unreachable seconds in a row (Kubernetes records a
+     FailedPreStopHook event; the pod is stopped anyway).
 """
 
 from __future__ import annotations
@@ -98,15 +98,22 @@ class Gateway:
 
 
 def drain_node(gateway: Gateway, node_ip: str, deadline_s: float, poll_s: float = 1.0,
-               settle_polls: int = 2, log=print) -> bool:
-    """Drain `node_ip`'s instances; True once none keeps the node, False at the deadline."""
+               settle_polls: int = 2, unreachable_s: float = 15.0, log=print) -> bool:
+    """Drain `node_ip`'s instances; True once none keeps the node, False at the deadline.
+
+    A gateway unreachable for `unreachable_s` in a row ends it early: the gateway owns
+    the instances, so with it gone (e.g. `helm uninstall` stops every pod at once)
+    there is nothing left to drain through, and waiting would only hold the pod.
+    """
     deadline = time.monotonic() + deadline_s
     ids: list[str] | None = None
     mode: Mode | None = None
     idle_polls = 0
+    reached = time.monotonic()  # the last time the gateway answered (or the start)
     while True:
         try:
             view = gateway.instances()
+            reached = time.monotonic()
             if ids is None:
                 ids = node_instances(view, node_ip)
                 if not ids:
@@ -124,6 +131,9 @@ def drain_node(gateway: Gateway, node_ip: str, deadline_s: float, poll_s: float 
         except GatewayError as exc:
             left = ids or []
             log(f"drain: {exc}")
+            if time.monotonic() - reached >= unreachable_s:
+                log(f"drain: the gateway has not answered for {unreachable_s:.0f} s; giving up")
+                return False
         if time.monotonic() + poll_s > deadline:
             log(f"drain: deadline of {deadline_s:.0f} s passed; still there: {', '.join(left) or 'unknown'}")
             return False
@@ -141,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=float(os.environ.get("PDSERVE_DRAIN_DEADLINE_S", 100)),
                         help="Give up after this many seconds (keep it under the pod's grace period).")
     parser.add_argument("--poll", type=float, default=1.0, help="Seconds between polls.")
+    parser.add_argument("--unreachable", type=float, default=15.0,
+                        help="Give up once the gateway has not answered for this many seconds in a row.")
     parser.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout per call, in seconds.")
     args = parser.parse_args(argv)
     if not args.node_ip:
         parser.error("--node-ip (or $PDSERVE_NODE_IP) is required")
     gateway = Gateway(args.gateway, args.api_key, args.timeout)
-    ok = drain_node(gateway, args.node_ip, args.deadline, args.poll, log=lambda m: print(m, flush=True))
+    ok = drain_node(gateway, args.node_ip, args.deadline, args.poll, unreachable_s=args.unreachable,
+                    log=lambda m: print(m, flush=True))
     return 0 if ok else 1
 
 

@@ -185,6 +185,11 @@ def test_nothing_on_the_node_and_no_gateway():
         gw.close()
     assert not drain.drain_node(drain.Gateway(gw.url, None, 0.2), NODE, deadline_s=0.5, poll_s=0.1,
                                 log=lambda m: None)
+    # A gateway that is gone (uninstall: every pod stops at once) ends the wait long before the deadline.
+    started, logs = time.monotonic(), []
+    assert not drain.drain_node(drain.Gateway(gw.url, None, 0.2), NODE, deadline_s=60, poll_s=0.05,
+                                unreachable_s=0.5, log=logs.append)
+    assert time.monotonic() - started < 5 and "giving up" in logs[-1]
 
 
 def test_cli_needs_a_node_ip():
