@@ -12,10 +12,9 @@ Lifecycle (every step bounded by --deadline):
   1. `GET /admin/instances`; this node's instances are those whose `node_ip`
      is --node-ip (on KubeRay: the pod's IP). None: done at once.
   2. Ask the gateway to drain exactly those: `POST /admin/drain`
-     `{"instances": [...]}`. A gateway that answers 404/405 has no targeted
-     drain (pdserve's admin API has `POST /admin/scale`, which removes the
-     newest instances of a pool, not a chosen node's); then the script can
-     only wait for the node's instances to be idle (no running, waiting or
+     `{"instances": [...]}` (the router places nothing new on them, running
+     requests finish, then they are stopped). A gateway that answers 404/405
+     (an older pdserve) has no targeted drain; then the script can only wait for the node's instances to be idle (no running, waiting or
      in-flight request on two polls in a row), while the router may still
      place new requests on them.
   3. Poll until the node's instances have left the registry (targeted) or are

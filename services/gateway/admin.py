@@ -4,7 +4,9 @@ Lifecycle: `GET /admin/instances` lists every registered instance with its
 state (starting ones as counts per role); `POST /admin/scale` with
 `{"prefill": N, "decode": M, "mixed": K}` (any subset) plans the change and
 answers 202 at once with what will be added and removed; instances join when
-their engines are up and leave after draining. Guarded by the API key like
+their engines are up and leave after draining. `POST /admin/drain` with
+`{"instances": [ids], "replace": false}` drains exactly the named instances
+(a node or pod going away; `replace` starts as many elsewhere). Guarded by the API key like
 `/v1/`. `pdserve scale` is the command-line client of these routes.
 """
 
@@ -37,6 +39,15 @@ class ScaleRequest(BaseModel):
         return {Role(name): count for name, count in self.model_dump().items() if count is not None}
 
 
+class DrainRequest(BaseModel):
+    """Instances to drain and remove by name (a node or pod going away)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[str] = Field(..., min_length=1, description="Instance ids, as GET /admin/instances lists them.")
+    replace: bool = Field(False, description="Start as many instances of each role elsewhere (keep pool sizes).")
+
+
 def instances_view(state: GatewayState) -> dict:
     router = state.router
     instances = []
@@ -65,4 +76,12 @@ def install_admin_routes(app: FastAPI, state: GatewayState) -> None:
             raise InvalidRequestError("this server cannot scale (it was built without an instance factory)")
         body: ScaleRequest = await parse_body(request, ScaleRequest)
         plan = await state.scaler.scale(body.targets())
+        return JSONResponse({"plan": plan.to_dict(), **instances_view(state)}, status_code=202)
+
+    @app.post("/admin/drain")
+    async def drain(request: Request) -> JSONResponse:
+        if state.scaler is None:
+            raise InvalidRequestError("this server cannot drain (it was built without an instance factory)")
+        body: DrainRequest = await parse_body(request, DrainRequest)
+        plan = await state.scaler.drain(body.instances, body.replace)
         return JSONResponse({"plan": plan.to_dict(), **instances_view(state)}, status_code=202)

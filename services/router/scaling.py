@@ -85,6 +85,28 @@ def plan_scale(current: dict[Role, list[str]], starting: dict[Role, int], target
     return ScalePlan(add, tuple(remove))
 
 
+def plan_drain(current: dict[Role, list[str]], starting: dict[Role, int], ids: list[str],
+               replace: bool) -> ScalePlan:
+    """Remove exactly `ids` (a node going away, an evicted pod); with `replace`, start as many of each
+    role elsewhere so the pools keep their size. `current` and `starting` mean what they do in plan_scale."""
+    role_of = {iid: role for role, iids in current.items() for iid in iids}
+    unknown = [iid for iid in ids if iid not in role_of]
+    if unknown:
+        raise ScaleError(f"not a serving instance (unknown, or already leaving): {', '.join(unknown)}",
+                         param="instances")
+    if not ids:
+        raise ScaleError("name at least one instance to drain", param="instances")
+    removed = list(dict.fromkeys(ids))  # a name given twice drains once
+    add: dict[Role, int] = {}
+    for iid in removed:
+        if replace:
+            add[role_of[iid]] = add.get(role_of[iid], 0) + 1
+    left = len(role_of) - len(removed) + sum(starting.values()) + sum(add.values())
+    if left == 0:
+        raise ScaleError("at least one instance must remain", param="instances")
+    return ScalePlan(add, tuple(removed))
+
+
 class Scaler:
     """Applies scale plans against the live router with an instance factory."""
 
@@ -108,15 +130,26 @@ class Scaler:
         """Plan and start applying; returns at once (engines take tens of seconds to come up)."""
         async with self._lock:  # two scale calls must not both count the same surplus
             plan = plan_scale(self._current(), self.starting, targets, self.disaggregated)
-            for role, count in plan.add.items():
-                self.starting[role] = self.starting.get(role, 0) + count
-                for _ in range(count):
-                    self._spawn(self._add(role))
-            for iid in plan.remove:
-                self.router.draining.add(iid)  # at once: the next placement already avoids it
-                self._spawn(self._remove(iid))
+            self._apply(plan)
         logger.info("scaling: %s", plan.to_dict())
         return plan
+
+    async def drain(self, ids: list[str], replace: bool = False) -> ScalePlan:
+        """Drain and remove the named instances (optionally replaced elsewhere); returns at once."""
+        async with self._lock:
+            plan = plan_drain(self._current(), self.starting, ids, replace)
+            self._apply(plan)
+        logger.info("draining: %s", plan.to_dict())
+        return plan
+
+    def _apply(self, plan: ScalePlan) -> None:
+        for role, count in plan.add.items():
+            self.starting[role] = self.starting.get(role, 0) + count
+            for _ in range(count):
+                self._spawn(self._add(role))
+        for iid in plan.remove:
+            self.router.draining.add(iid)  # at once: the next placement already avoids it
+            self._spawn(self._remove(iid))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -198,8 +198,10 @@ def test_cli_needs_a_node_ip():
     assert result.returncode == 2 and "--node-ip" in result.stderr
 
 
-def test_against_the_real_gateway_it_waits_for_the_node_s_stream_to_end(demo_model_dir):
-    """pdserve's own /admin/instances (fields the script reads) and its 404 for a route it lacks."""
+def test_against_the_real_gateway_it_drains_the_node_s_instance_after_its_stream_ends(demo_model_dir):
+    """pdserve's own /admin/instances and POST /admin/drain: the node's instance takes no new request,
+    finishes its stream, and leaves; the other node's instance serves on."""
+    import asyncio
     import threading
 
     import httpx
@@ -209,38 +211,53 @@ def test_against_the_real_gateway_it_waits_for_the_node_s_stream_to_end(demo_mod
     from pdserve.gateway.server import GatewayServer
     from pdserve.router.controller import Router
     from pdserve.router.registry import make_policy
+    from pdserve.router.scaling import Scaler
     from pdserve.shared.metrics import Metrics
     from pdserve.worker.fake_engine import FakeEngineClient, FaultPlan
 
+    class Factory:
+        stopped: list[str] = []
+
+        async def start(self, role):
+            raise AssertionError("a drain without replace starts nothing")
+
+        async def stop(self, client) -> None:
+            await asyncio.sleep(0)
+            self.stopped.append(client.instance_id)
+
     model = ServedModel.load("demo", str(demo_model_dir), 256)
-    engine = FakeEngineClient.make(instance_id="mixed-0", max_model_len=256, detokenize=model.decode,
-                                   faults=FaultPlan(token_interval_s=0.05))
-    engine.info.node_ip = NODE
-    router = Router([engine], make_policy("least_loaded"))
-    server = GatewayServer(create_app(GatewayState(model, router, Metrics("demo"), stats_interval_s=0.05)),
-                           "127.0.0.1", 0, log_level="warning")
+    engines = [FakeEngineClient.make(instance_id=iid, max_model_len=256, detokenize=model.decode,
+                                     faults=FaultPlan(token_interval_s=0.05)) for iid in ("mixed-0", "mixed-1")]
+    engines[0].info.node_ip, engines[1].info.node_ip = NODE, OTHER
+    router = Router(engines, make_policy("round_robin"))
+    factory = Factory()
+    state = GatewayState(model, router, Metrics("demo"), stats_interval_s=0.05,
+                         scaler=Scaler(router, factory, disaggregated=False, drain_timeout_s=20))
+    server = GatewayServer(create_app(state), "127.0.0.1", 0, log_level="warning")
     url = server.start_in_thread()
+    body = {"model": "demo", "prompt": "Open a file", "max_tokens": 30, "ignore_eos": True, "stream": True}
     try:
         done: dict[str, float] = {}
 
         def stream() -> None:
-            reply = httpx.post(f"{url}/v1/completions", timeout=30, json={
-                "model": "demo", "prompt": "Open a file", "max_tokens": 30, "ignore_eos": True, "stream": True})
+            reply = httpx.post(f"{url}/v1/completions", timeout=30, json=body)
             assert reply.status_code == 200 and "[DONE]" in reply.text
             done["at"] = time.monotonic()
 
         client = threading.Thread(target=stream)
-        client.start()
+        client.start()  # round robin: the first request lands on mixed-0, on NODE
         deadline = time.monotonic() + 10
-        while not engine.in_flight and time.monotonic() < deadline:
+        while not engines[0].in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.in_flight, "the request never reached the engine"
+        assert engines[0].in_flight, "the request never reached the engine"
         logs: list[str] = []
         ok = drain.drain_node(drain.Gateway(url, None, 5), NODE, deadline_s=20, poll_s=0.05, log=logs.append)
         freed = time.monotonic()
         client.join(30)
         assert ok and "at" in done and freed >= done["at"]  # the stream ended before the node was let go
-        assert any("wait-idle" in line for line in logs)  # this gateway has no targeted drain (yet)
+        assert any("targeted" in line for line in logs), logs
+        assert factory.stopped == ["mixed-0"] and set(router.clients) == {"mixed-1"}
+        assert httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=30).status_code == 200
     finally:
         server.stop()
 

@@ -13,7 +13,7 @@ from pdserve.gateway.model import ServedModel
 from pdserve.gateway.server import GatewayServer
 from pdserve.router.controller import Router
 from pdserve.router.registry import make_policy
-from pdserve.router.scaling import ScaleError, Scaler, plan_scale
+from pdserve.router.scaling import ScaleError, Scaler, plan_drain, plan_scale
 from pdserve.shared.metrics import Metrics
 from pdserve.shared.roles import InstanceState, Role
 from pdserve.worker.fake_engine import FakeEngineClient
@@ -153,4 +153,36 @@ def test_the_admin_routes_scale_a_running_gateway_and_guard_it_with_the_key(admi
     for body, message in (({"decode": -1}, "greater than or equal to 0"), ({"prefill": 0, "decode": 0}, "at least one instance"),
                           ({"gpus": 2}, "Extra inputs")):
         refused = httpx.post(f"{url}/admin/scale", json=body, headers=auth)
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+
+
+def test_plan_drain_removes_exactly_the_named_instances_and_can_replace_them():
+    current = {P: ["prefill-0", "prefill-1"], D: ["decode-0", "decode-3"]}
+    plan = plan_drain(current, {}, ["decode-0", "prefill-1", "decode-0"], replace=False)
+    assert plan.remove == ("decode-0", "prefill-1") and plan.add == {}  # not the newest: the named ones
+    replaced = plan_drain(current, {}, ["decode-0", "prefill-1"], replace=True)
+    assert replaced.add == {D: 1, P: 1}
+    every = ["prefill-0", "prefill-1", "decode-0", "decode-3"]
+    assert plan_drain(current, {}, every, replace=True).add == {P: 2, D: 2}  # replaced: none is lost
+    for ids, message in ((["decode-9"], "decode-9"), ([], "at least one instance"), (every, "must remain")):
+        with pytest.raises(ScaleError, match=message):
+            plan_drain(current, {}, ids, replace=False)
+
+
+def test_the_drain_route_drains_the_named_instance_while_requests_are_served(admin_gateway):
+    url, router = admin_gateway
+    auth = {"Authorization": "Bearer k"}
+    assert httpx.post(f"{url}/admin/drain", json={"instances": ["decode-0"]}).status_code == 401
+    answer = httpx.post(f"{url}/admin/drain", json={"instances": ["decode-0"], "replace": True}, headers=auth)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["plan"] == {"add": {"decode": 1}, "remove": ["decode-0"]}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and ("decode-0" in router.clients or "decode-1" not in router.clients):
+        time.sleep(0.05)
+    assert set(router.clients) == {"prefill-0", "decode-1"}
+    done = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, headers=auth, timeout=10)
+    assert done.status_code == 200, done.text
+    for body, message in (({"instances": ["decode-0"]}, "not a serving instance"),
+                          ({"instances": []}, "at least 1"), ({"instances": ["decode-1"], "now": 1}, "Extra inputs")):
+        refused = httpx.post(f"{url}/admin/drain", json=body, headers=auth)
         assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
