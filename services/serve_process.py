@@ -20,6 +20,14 @@ import httpx
 START_TIMEOUT_S = 600
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of the first sample of `name` in a Prometheus text scrape carrying `labels` (0 if none)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

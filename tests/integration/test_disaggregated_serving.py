@@ -14,6 +14,8 @@ import time
 import httpx
 import pytest
 
+from pdserve.serve_process import metric_value as _metric
+
 pytestmark = pytest.mark.integration
 
 MAX_LEN = 2048
@@ -48,13 +50,6 @@ def reference(started, demo_model_dir, offline_greedy):
 def server(started, reference):
     started.wait_ready()
     return started
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def _instances(server) -> dict[str, dict]:
