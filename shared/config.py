@@ -135,6 +135,10 @@ class PoolsConfig(_Strict):
     drain_timeout_s: float = Field(
         600.0, gt=0, description="Scaling down: longest wait for a leaving instance's requests to finish "
                                  "before it is stopped anyway.")
+    start_timeout_s: float = Field(
+        1800.0, gt=0, description="Scaling up: longest wait for a new instance to be placed (a Ray node with "
+                                  "its resources, e.g. one an autoscaler adds) and its engine loaded; then "
+                                  "its actor is killed and the start counted as failed.")
     bind_cores: bool = Field(
         True, description="CPU instances on a local Ray bind their compute threads to cores of their own "
                           "(cpus_per_instance each, in instance order), so a prefill and a decode instance never "

@@ -120,8 +120,14 @@ class RayInstanceFactory:
 
         instance_id = self.new_instance_id(role)
         actor = self.make_actor(instance_id, role)
+        timeout_s = self.pools.start_timeout_s
         try:
-            info = await actor.start.remote()
+            # Bounded: an actor whose resources no node has (yet) waits in Ray's queue forever.
+            info = await asyncio.wait_for(actor.start.remote(), timeout_s)
+        except asyncio.TimeoutError as exc:
+            ray.kill(actor)  # also withdraws its resource demand from the autoscaler
+            raise EngineError(f"instance {instance_id} was not placed and started within "
+                              f"pools.start_timeout_s = {timeout_s:g} s") from exc
         except Exception as exc:
             ray.kill(actor)
             raise EngineError(f"instance {instance_id} failed to start: {exc}") from exc

@@ -186,3 +186,27 @@ def test_the_drain_route_drains_the_named_instance_while_requests_are_served(adm
                           ({"instances": []}, "at least 1"), ({"instances": ["decode-1"], "now": 1}, "Extra inputs")):
         refused = httpx.post(f"{url}/admin/drain", json=body, headers=auth)
         assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+
+
+async def test_a_ray_instance_that_is_never_placed_is_killed_at_the_start_deadline(monkeypatch):
+    """An actor whose resources no node has waits in Ray's queue for ever: the factory gives up on it."""
+    import ray
+
+    from pdserve.shared.config import EngineConfig, PoolsConfig
+    from pdserve.shared.errors import EngineError
+    from pdserve.worker.pool import RayInstanceFactory
+
+    class Pending:
+        class start:
+            @staticmethod
+            def remote():
+                return asyncio.get_running_loop().create_future()  # never resolved: no node fits
+
+    killed: list = []
+    monkeypatch.setattr(ray, "kill", killed.append)
+    factory = RayInstanceFactory(EngineConfig(), PoolsConfig(mixed=1, prefill=0, decode=0, start_timeout_s=0.2))
+    actor = Pending()
+    monkeypatch.setattr(factory, "make_actor", lambda iid, role: actor)
+    with pytest.raises(EngineError, match="start_timeout_s"):
+        await factory.start(M)
+    assert killed == [actor] and not factory.live
