@@ -75,6 +75,10 @@ class EngineConfig(_Strict):
 
 # Engine settings that must agree across pools (a P's KV must fit D's cache as it is); they live in
 # `engine` only, and a pool's engine_args may not set them.
+# The router's placement policies by name. Spelled here so that the config validates without importing the
+# router (shared/ imports nothing above it); router/registry.py refuses to load if its table differs.
+POLICY_NAMES = ("round_robin", "least_loaded", "kv_jsq", "splitwise", "prefix_aware", "slo_aware")
+
 CROSS_POOL_ENGINE_ARGS = frozenset({"model", "tokenizer", "dtype", "kv_cache_dtype", "block_size", "max_model_len",
                                     "served_model_name", "tensor_parallel_size"})
 
@@ -218,10 +222,9 @@ class PrefixRoutingConfig(_Strict):
     @field_validator("base_policy")
     @classmethod
     def _known_base(cls, value: str) -> str:
-        from pdserve.router.registry import POLICIES
-
-        if value not in POLICIES or value == "prefix_aware":
-            raise ValueError(f"unknown base policy {value!r}; choose from {sorted(set(POLICIES) - {'prefix_aware'})}")
+        if value not in POLICY_NAMES or value == "prefix_aware":
+            raise ValueError(f"unknown base policy {value!r}; "
+                             f"choose from {sorted(set(POLICY_NAMES) - {'prefix_aware'})}")
         return value
 
 
@@ -239,10 +242,8 @@ class GatewayConfig(_Strict):
     @field_validator("routing_policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        from pdserve.router.registry import POLICIES
-
-        if value not in POLICIES:
-            raise ValueError(f"unknown routing policy {value!r}; choose from {sorted(POLICIES)}")
+        if value not in POLICY_NAMES:
+            raise ValueError(f"unknown routing policy {value!r}; choose from {sorted(POLICY_NAMES)}")
         return value
 
 

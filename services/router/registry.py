@@ -8,6 +8,7 @@ from pdserve.router.policy import LeastLoaded, PlacementPolicy, RoundRobin, Shor
 from pdserve.router.prefix_policy import PrefixAware
 from pdserve.router.slo_policy import SloAware
 from pdserve.router.splitwise import SplitwiseMixedPool
+from pdserve.shared.config import POLICY_NAMES
 
 if TYPE_CHECKING:
     from pdserve.shared.config import PrefixRoutingConfig
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
 POLICIES: dict[str, Callable[[], PlacementPolicy]] = {
     cls.name: cls for cls in (RoundRobin, LeastLoaded, ShortestQueueKV, SplitwiseMixedPool, PrefixAware, SloAware)
 }
+
+if set(POLICIES) != set(POLICY_NAMES):  # the config validates names without importing the router
+    raise ImportError(f"shared.config.POLICY_NAMES {sorted(POLICY_NAMES)} != the router's {sorted(POLICIES)}")
 
 
 class UnknownPolicyError(ValueError):

@@ -155,3 +155,18 @@ def test_engines_that_disagree_on_the_block_size_stop_the_start_up():
     check_pools_agree([p, p])
     with pytest.raises(ConfigError, match="block_size differs between pools: 16 on prefill-0, 32 on decode-0"):
         check_pools_agree([p, d])
+
+
+def test_the_config_knows_the_router_s_policies_without_importing_it():
+    import subprocess
+    import sys
+
+    from pdserve.router.registry import POLICIES
+    from pdserve.shared.config import POLICY_NAMES
+
+    assert set(POLICY_NAMES) == set(POLICIES)
+    code = ("import sys; from pdserve.shared.config import ServeConfig; "
+            "ServeConfig.model_validate({'gateway': {'routing_policy': 'kv_jsq'}}); "
+            "print(sorted(m for m in sys.modules if m.startswith('pdserve.router')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
