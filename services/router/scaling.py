@@ -89,17 +89,17 @@ def plan_drain(current: dict[Role, list[str]], starting: dict[Role, int], ids: l
                replace: bool) -> ScalePlan:
     """Remove exactly `ids` (a node going away, an evicted pod); with `replace`, start as many of each
     role elsewhere so the pools keep their size. `current` and `starting` mean what they do in plan_scale."""
+    if not ids:
+        raise ScaleError("name at least one instance to drain", param="instances")
     role_of = {iid: role for role, iids in current.items() for iid in iids}
     unknown = [iid for iid in ids if iid not in role_of]
     if unknown:
         raise ScaleError(f"not a serving instance (unknown, or already leaving): {', '.join(unknown)}",
                          param="instances")
-    if not ids:
-        raise ScaleError("name at least one instance to drain", param="instances")
     removed = list(dict.fromkeys(ids))  # a name given twice drains once
     add: dict[Role, int] = {}
-    for iid in removed:
-        if replace:
+    if replace:
+        for iid in removed:
             add[role_of[iid]] = add.get(role_of[iid], 0) + 1
     left = len(role_of) - len(removed) + sum(starting.values()) + sum(add.values())
     if left == 0:
