@@ -72,7 +72,9 @@ def test_dashboard_is_valid_json_with_panels():
     titles = [p["title"] for p in dashboard["panels"] if p["type"] != "row"]
     for want in ("Time to first token", "Time per output token", "Inter-token latency", "SLO attainment",
                  "Goodput (estimate)", "KV bytes sent per second", "KV transfer time per handoff",
-                 "Waiting requests", "KV-cache use per pool"):
+                 "Waiting requests", "KV-cache use per pool", "Goodput (requests meeting their own SLO)",
+                 "SLO attainment per class (since start)", "Refused requests (429) by reason",
+                 "Admission queue depth"):
         assert want in titles
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -93,7 +95,8 @@ def test_every_promql_names_an_exported_metric(metrics_text):
     # TTFT, TPOT, ITL percentiles, KV bytes, queues and KV use per pool are all on the board.
     for name in ("time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
                  "inter_token_latency_seconds_bucket", "kv_transfer_bytes", "kv_transfer_seconds",
-                 "num_requests_waiting", "kv_cache_usage_perc"):
+                 "num_requests_waiting", "kv_cache_usage_perc", "slo_requests_total", "slo_attainment",
+                 "rejections_total", "admission_queue_depth", "ttft_prediction_ratio_bucket"):
         assert f"pdserve:{name}" in used
 
 
