@@ -83,6 +83,9 @@ class Metrics:
         self.handoffs = Gauge("pdserve:handoffs", "Requests routed P->D since start, by outcome (handoffs, "
                               "fallbacks_colocated, decode_alone, prefill_failures, first_token_restarts).",
                               ["model_name", "outcome"], registry=r)
+        self.scaling = Gauge("pdserve:scaling_events", "Instances the scaler started, failed to start (placement "
+                             "or load past pools.start_timeout_s), removed, and drains that reached their deadline "
+                             "with requests still running, since start.", ["model_name", "event"], registry=r)
 
     def observe_request(self, life: RequestLifecycle, finish_reasons: list[str]) -> None:
         """Record a finished request (any outcome)."""
@@ -145,6 +148,10 @@ class Metrics:
     def observe_handoffs(self, counters: dict[str, int]) -> None:
         for outcome, value in counters.items():
             self.handoffs.labels(self.model_name, outcome).set(value)
+
+    def observe_scaling(self, counters: dict[str, int]) -> None:
+        for event, value in counters.items():
+            self.scaling.labels(self.model_name, event).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -199,6 +199,8 @@ def _install_routes(app: FastAPI, state: GatewayState) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         state.metrics.observe_handoffs(state.router.handoff_counters)
+        if state.scaler is not None:
+            state.metrics.observe_scaling(state.scaler.counters)
         prefix = state.router.prefix
         if prefix is not None:
             state.metrics.observe_prefix_index(prefix.counters(), prefix.tokens, prefix.hit_tokens)

@@ -182,6 +182,9 @@ def test_the_drain_route_drains_the_named_instance_while_requests_are_served(adm
     assert set(router.clients) == {"prefill-0", "decode-1"}
     done = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, headers=auth, timeout=10)
     assert done.status_code == 200, done.text
+    scraped = httpx.get(f"{url}/metrics").text  # the scaler's counters are on /metrics too
+    assert 'pdserve:scaling_events{event="started",model_name="demo"} 1.0' in scraped
+    assert 'pdserve:scaling_events{event="removed",model_name="demo"} 1.0' in scraped
     for body, message in (({"instances": ["decode-0"]}, "not a serving instance"),
                           ({"instances": []}, "at least 1"), ({"instances": ["decode-1"], "now": 1}, "Extra inputs")):
         refused = httpx.post(f"{url}/admin/drain", json=body, headers=auth)
