@@ -157,6 +157,7 @@ def serve(config: ServeConfig) -> int:
                         inbox=inbox, admission=AdmissionQueue(config.slo),
                         reservation_timeout_s=config.kv_transfer.reservation_timeout_s,
                         transfer_timeout_s=config.kv_transfer.transfer_timeout_s)
+        router.recovery.config = config.resume
         api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None
         scaler = Scaler(router, pools.factory, disaggregated=inbox is not None,
                         drain_timeout_s=config.pools.drain_timeout_s)

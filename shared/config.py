@@ -297,6 +297,19 @@ class KVTransferConfig(_Strict):
         return value
 
 
+class StreamResumeConfig(_Strict):
+    """Streams whose engine dies mid-request go on elsewhere (`pdserve.router.resume`)."""
+
+    enabled: bool = Field(True, description="Continue a stream whose instance died on another healthy instance "
+                                            "by recomputing prompt + generated tokens; off: the client gets an "
+                                            "error event as soon as the instance dies.")
+    max_resumes: int = Field(2, ge=0, description="Most recoveries one request may make (each on another "
+                                                  "instance) before its stream ends with an error.")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline for a continuation's first token (it recomputes "
+                                                      "prompt + generated tokens); past it that instance counts "
+                                                      "as failed too.")
+
+
 class RayConfig(_Strict):
     """Where the engine actors run."""
 
@@ -318,6 +331,8 @@ class ServeConfig(_Strict):
                                               "model and admission control of `routing_policy: slo_aware`; the "
                                               "SLO-attainment metrics use the targets whatever the policy.")
     ray: RayConfig = Field(default_factory=RayConfig)
+    resume: StreamResumeConfig = Field(default_factory=StreamResumeConfig,
+                                       description="Recovery of streams whose instance dies mid-request.")
 
     @property
     def publishes_kv_events(self) -> bool:

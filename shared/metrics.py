@@ -83,6 +83,12 @@ class Metrics:
         self.handoffs = Gauge("pdserve:handoffs", "Requests routed P->D since start, by outcome (handoffs, "
                               "fallbacks_colocated, decode_alone, prefill_failures, first_token_restarts).",
                               ["model_name", "outcome"], registry=r)
+        self.recoveries = Counter(
+            "pdserve:stream_recoveries", "Streams whose instance failed mid-request, by outcome: resumed (a "
+            "continuation on another instance gave its first token), completed (a resumed stream finished), "
+            "timeout (a continuation stayed silent), no_instance and limit (the stream ended with an error).",
+            ["model_name", "outcome"], registry=r)
+        self._recoveries_seen: dict[str, int] = {}
         self.scaling = Gauge("pdserve:scaling_events", "Instances the scaler started, failed to start (placement "
                              "or load past pools.start_timeout_s), removed, and drains that reached their deadline "
                              "with requests still running, since start.", ["model_name", "event"], registry=r)
@@ -148,6 +154,14 @@ class Metrics:
     def observe_handoffs(self, counters: dict[str, int]) -> None:
         for outcome, value in counters.items():
             self.handoffs.labels(self.model_name, outcome).set(value)
+
+    def observe_recoveries(self, counters: dict[str, int]) -> None:
+        """The router's recovery counts since start (`router.recovery.counters`), as counter increments."""
+        for outcome, total in counters.items():
+            seen = self._recoveries_seen.get(outcome, 0)
+            if total > seen:
+                self.recoveries.labels(self.model_name, outcome).inc(total - seen)
+                self._recoveries_seen[outcome] = total
 
     def observe_scaling(self, counters: dict[str, int]) -> None:
         for event, value in counters.items():

@@ -199,6 +199,7 @@ def _install_routes(app: FastAPI, state: GatewayState) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         state.metrics.observe_handoffs(state.router.handoff_counters)
+        state.metrics.observe_recoveries(state.router.recovery.counters)
         if state.scaler is not None:
             state.metrics.observe_scaling(state.scaler.counters)
         prefix = state.router.prefix

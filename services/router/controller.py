@@ -32,6 +32,7 @@ from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, Decision, InstanceSnapshot, Placement, Rejection, RequestInfo
 from pdserve.kv_transfer.reservations import ReservationSource
 from pdserve.router.handoff import Handoff
+from pdserve.router.resume import StreamRecovery, choose_target
 from pdserve.router.prefix_tracker import PrefixTracker
 from pdserve.shared.errors import ConfigError, ContextLengthExceededError
 from pdserve.shared.protocol import EngineRequest, EngineStats, OutputDelta
@@ -79,6 +80,8 @@ class Router:
         self.reservation_timeout_s = reservation_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self.handoff_counters: dict[str, int] = {}
+        # Streams whose instance dies go on elsewhere (router.resume); its config is set by the launcher.
+        self.recovery = StreamRecovery()
         self._on_stats = on_stats
         self._stats: dict[str, EngineStats] = {}
         self.ledger = Ledger()
@@ -197,11 +200,18 @@ class Router:
     def stream(self, route: Route, request: EngineRequest) -> AsyncIterator[OutputDelta]:
         """The request's deltas from its route: one engine, or P then D with a KV handoff."""
         if route.colocated:
-            return route.decode.generate(request)
+            where = (route.decode.instance_id, request.request_id)
+            return self.recovery.wrap(request, route.decode.generate, lambda: where, self.resume_target)
         if self.inbox is None:
             raise ConfigError("disaggregated routes need a reservation inbox")
-        return Handoff(route.prefill, route.decode, self.inbox, self.reservation_timeout_s, self.transfer_timeout_s,
-                       self.handoff_counters).stream(request)
+        handoff = Handoff(route.prefill, route.decode, self.inbox, self.reservation_timeout_s,
+                          self.transfer_timeout_s, self.handoff_counters)
+        return self.recovery.wrap(request, handoff.stream, handoff.where, self.resume_target)
+
+    def resume_target(self, exclude: set[str], prompt_tokens: int) -> EngineClient | None:
+        """Where a stream whose instance failed goes on (`resume.choose_target`), or None."""
+        iid = choose_target(self.snapshot(), exclude, prompt_tokens)
+        return None if iid is None else self.clients[iid]
 
     @contextlib.contextmanager
     def track(self, route: Route, prompt_tokens: int):

@@ -76,6 +76,15 @@ class Handoff:
     timeout_s: float  # longest wait for D's reservation (D may be queued for KV room)
     transfer_timeout_s: float  # after P's token, longest wait for D's first step (the KV's progress deadline)
     counters: dict[str, int]  # handoffs, fallbacks_*, prefill_failures, first_token_restarts, ...
+    # (instance, its request id) producing the tokens now: D's half until a fallback moves them to P
+    serving: tuple[str, str] = ("", "")
+
+    def __post_init__(self) -> None:
+        self.serving = (self.decode.instance_id, "")
+
+    def where(self) -> tuple[str, str]:
+        """Where the request's tokens come from now (a resumable stream's `where`)."""
+        return self.serving
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -102,6 +111,7 @@ class Handoff:
             await run.close()
 
     async def _whole(self, client: EngineClient, request: EngineRequest) -> AsyncIterator[OutputDelta]:
+        self.serving = (client.instance_id, request.request_id)
         async with contextlib.aclosing(client.generate(request)) as stream:
             async for delta in stream:
                 yield delta
@@ -123,6 +133,8 @@ class _Run:
         self.handoff_s: float | None = None  # P's token -> D's first step, reported on the next delta out
 
     def _start(self, tag: str, client: EngineClient, request: EngineRequest) -> None:
+        if tag != "p":
+            self.h.serving = (client.instance_id, request.request_id)
         self.tasks[tag] = asyncio.create_task(drain(lambda: client.generate(request), self.queue, tag))
 
     async def _stop(self, tag: str) -> None:
