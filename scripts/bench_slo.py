@@ -68,8 +68,28 @@ def ratio_error(samples: dict[str, float], name: str) -> dict[str, float]:
     return out
 
 
+def predictor_error(path: Path, offset: int) -> tuple[dict, int]:
+    """p50/p90 of |predicted/actual - 1| for TTFT and TPOT over the placements logged after `offset`."""
+    if not path.is_file():
+        return {}, offset
+    with path.open() as f:
+        f.seek(offset)
+        rows = [json.loads(line) for line in f if line.strip()]
+        offset = f.tell()
+    out = {}
+    for phase in ("ttft", "tpot"):
+        errors = sorted(abs(r[f"predicted_{phase}_s"] / r[f"{phase}_s"] - 1) for r in rows
+                        if r.get(f"predicted_{phase}_s") and r.get(f"{phase}_s"))
+        if errors:
+            out[phase] = {"n": len(errors), "p50": errors[len(errors) // 2],
+                          "p90": errors[min(len(errors) - 1, int(0.9 * len(errors)))]}
+    return out, offset
+
+
 def serve(policy: str, args: argparse.Namespace, slo: dict | None) -> ServeProcess:
-    config = {"gateway": {"routing_policy": policy}, "slo": {"interactive": slo} if slo else {}}
+    config = {"gateway": {"routing_policy": policy},
+              "slo": {**({"interactive": slo} if slo else {}),
+                      "prediction_log": str(args.out / f"predictions_{policy}.jsonl")}}
     path = args.out / f"serve_{policy}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     flags = ["--config", str(path), "--prefill", str(args.prefill), "--decode", str(args.decode),
@@ -95,6 +115,8 @@ def run_policy(policy: str, args: argparse.Namespace, slo: dict, rates: dict[str
     try:
         # warm-up: a few sequential requests (the latency model calibrates on them)
         bench(server.url, args.out / f"warmup_{policy}", args, "--concurrency", "1", "--num-requests", "4")
+        log = args.out / f"predictions_{policy}.jsonl"
+        _, offset = predictor_error(log, 0)
         for load, rate in rates.items():
             before = scrape(server.url)
             data = bench(server.url, args.out / f"{policy}_{load}", args, "--rate", str(rate), "--duration",
@@ -102,7 +124,9 @@ def run_policy(policy: str, args: argparse.Namespace, slo: dict, rates: dict[str
                          str(slo["tpot_ms"]), "--slo-send", "--label", f"{policy} {load}")
             time.sleep(1.0)
             after = scrape(server.url)
+            predictor, offset = predictor_error(log, offset)
             results[load] = {
+                "predictor_error": predictor,
                 **{k: data.get(k) for k in ("request_goodput", "slo_attainment", "slo_attainment_admitted",
                                             "completed", "failed", "rejected", "median_rejection_ms",
                                             "p99_rejection_ms", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
@@ -160,11 +184,17 @@ def main() -> None:
                         ",".join(args.policies), "--output-dir", str(args.out / f"compare_{load}")], check=False)
     print(f"\n{'':<28}" + "".join(f"{p + ' ' + load:>22}" for load in rates for p in args.policies))
     for key in ("request_goodput", "slo_attainment", "slo_attainment_admitted", "completed", "rejected",
-                "p99_rejection_ms", "median_ttft_ms", "median_tpot_ms"):
+                "p99_rejection_ms", "median_ttft_ms", "median_tpot_ms", "ttft_err_p50", "ttft_err_p90",
+                "tpot_err_p50", "tpot_err_p90"):
         cells = []
         for load in rates:
             for p in args.policies:
-                value = results["policies"][p][load].get(key)
+                row = results["policies"][p][load]
+                if key.endswith(("_p50", "_p90")):
+                    phase, _, q = key.partition("_err_")
+                    value = row["predictor_error"].get(phase, {}).get(q)
+                else:
+                    value = row.get(key)
                 cells.append(f"{value:>22.3f}" if isinstance(value, float) else f"{str(value):>22}")
         print(f"{key:<28}" + "".join(cells))
 

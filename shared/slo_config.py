@@ -36,8 +36,11 @@ class PerfModelConfig(_Strict):
     handoff_latency_ms: float = Field(2.0, ge=0, description="Fixed cost of one handoff (handshake, first byte).")
     max_prefill_tokens: int = Field(2048, gt=0, description="Prompt tokens one prefill iteration takes (the "
                                                             "engine's max_num_batched_tokens).")
-    calibration_weight: float = Field(0.2, gt=0, le=1, description="Weight of one observation in the online "
-                                      "correction (exponential moving average of actual/predicted, log scale).")
+    calibration_weight: float = Field(0.2, gt=0, le=1, description="Weight of one finished request in the online "
+                                      "calibration of TTFT and handoff (a line from profiled to actual, fitted "
+                                      "with exponential forgetting).")
+    step_calibration_weight: float = Field(0.02, gt=0, le=1, description="Weight of one decode gap (two deltas "
+                                           "of a request, at the batch it ran in) in the decode step's calibration.")
 
 
 class AdmissionConfig(_Strict):
@@ -57,6 +60,10 @@ class AdmissionConfig(_Strict):
     batch_kv_reserve: float = Field(0.1, ge=0, lt=1, description="Fraction of a decode instance's KV a batch "
                                     "request must leave free (headroom kept for interactive requests).")
     min_retry_after_s: float = Field(1.0, ge=0, description="Smallest Retry-After sent with a 429.")
+    slo_margin: float = Field(0.1, ge=0, lt=1, description="Share of each TTFT and TPOT target kept free for "
+                              "prediction error: a placement must be predicted within (1 - margin) x target.")
+    max_forecast_slots: int = Field(16, ge=1, description="How many future slots a refusal forecasts (the queue "
+                                    "position up to which a request may wait for one).")
 
 
 class SloRoutingConfig(_Strict):
@@ -70,6 +77,8 @@ class SloRoutingConfig(_Strict):
     perf: PerfModelConfig = Field(default_factory=PerfModelConfig, description="The latency model's inputs.")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig,
                                        description="Queueing, fallback and refusal of requests no placement meets.")
+    prediction_log: str | None = Field(None, description="Append one JSON line per finished placement (predicted "
+                                       "and actual TTFT and TPOT, instances, reason) to this file; for benchmarks.")
 
     def resolve(self, ttft_ms: float | None = None, tpot_ms: float | None = None,
                 priority: Priority | None = None) -> RequestSlo:

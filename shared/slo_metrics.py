@@ -9,7 +9,8 @@ predicted against actual TTFT and TPOT, both from the placement on) and the admi
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -26,8 +27,11 @@ _WAIT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 3
 class SloMetrics:
     """SLO attainment per class, prediction ratios, decisions, rejections, admission queues."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
+                 prediction_log: str | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # one JSON line per finished placement (benchmarks read the predictor's error from it)
+        self._log: TextIO | None = open(prediction_log, "a", buffering=1) if prediction_log else None
         self.model_name = model_name
         r = self.registry
         self.slo_requests = Counter(
@@ -82,6 +86,15 @@ class SloMetrics:
                                         (placement.predicted_tpot_s, ticket.tpot_s, self.tpot_ratio)):
             if predicted and actual is not None and predicted > 0:
                 hist.labels(self.model_name).observe(actual / predicted)
+        if self._log is not None:
+            reason = getattr(placement, "reason", None)
+            self._log.write(json.dumps({
+                "request_id": ticket.request_id, "prefill": placement.prefill, "decode": placement.decode,
+                "reason": getattr(reason, "value", reason), "prompt_tokens": ticket.prompt_tokens,
+                "max_tokens": ticket.max_tokens, "tokens": ticket.tokens, "placed_at": ticket.placed_at,
+                "predicted_ttft_s": placement.predicted_ttft_s, "ttft_s": ticket.ttft_s,
+                "predicted_tpot_s": placement.predicted_tpot_s, "tpot_s": ticket.tpot_s,
+                "first_gap_s": getattr(ticket, "first_gap_s", None)}) + "\n")
 
     # -- the admission queue (AdmissionObserver) -------------------------------------------------------
     def admitted(self, priority: Priority, waited_s: float, queued: bool) -> None:

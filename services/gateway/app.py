@@ -65,7 +65,7 @@ def create_app(state: GatewayState) -> FastAPI:
         await state.router.close()
 
     if state.slo_metrics is None:
-        state.slo_metrics = SloMetrics(state.model.name, state.metrics.registry)
+        state.slo_metrics = SloMetrics(state.model.name, state.metrics.registry, state.slo.prediction_log)
     state.router.observer = state.slo_metrics
     if state.router.admission is not None:
         state.router.admission.observer = state.slo_metrics

@@ -18,9 +18,11 @@ ticket whose request never started (a client gone before its stream opened) expi
 from __future__ import annotations
 
 import enum
+import math
+from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.router.snapshot import Placement
+from pdserve.router.snapshot import DecodeLoad, Placement
 from pdserve.shared.slo import RequestSlo
 
 
@@ -47,6 +49,9 @@ class Ticket:
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0
+    # the latest gap between two deltas (per token) once decoding, and the handoff's first gap
+    step_gap_s: float | None = None
+    first_gap_s: float | None = None
 
     @property
     def kv_tokens(self) -> int:
@@ -68,6 +73,14 @@ class Ticket:
             return None
         return (self.last_token_at - self.first_token_at) / (self.tokens - 1)
 
+    def decode_load(self, now: float) -> DecodeLoad:
+        """What is left of its decode and of its TPOT budget (its target times its gaps, less time spent)."""
+        remaining = max(self.max_tokens - self.tokens, 0)
+        if self.slo is None:
+            return DecodeLoad(remaining, math.inf, self.kv_tokens)
+        spent = 0.0 if self.first_token_at is None else now - self.first_token_at
+        return DecodeLoad(remaining, self.slo.tpot_s * max(self.max_tokens - 1, 1) - spent, self.kv_tokens)
+
 
 @dataclass(frozen=True)
 class InstanceLoad:
@@ -76,13 +89,19 @@ class InstanceLoad:
     prefill_tokens: int = 0  # prompt tokens placed on it and not yet prefilled
     context_tokens: int = 0  # context of its outstanding decodes (prompt + expected half output)
     pending_kv_tokens: tuple[int, ...] = ()  # per placement the last poll cannot have seen: its KV tokens
+    decoding: tuple[DecodeLoad, ...] = ()  # per request decoding (or to decode) here; empty without `now`
+    decode_rate: float = 0.0  # decode placements per second over the last `rate_window_s`
+    prefill_token_rate: float = 0.0  # prompt tokens placed to prefill per second, same window
 
 
 @dataclass
 class Ledger:
     placed_ttl_s: float = 5.0
+    rate_window_s: float = 10.0
     _tickets: dict[str, set[Ticket]] = field(default_factory=dict)  # instance id -> tickets touching it
     _polled: dict[str, float] = field(default_factory=dict)  # instance id -> start of its last answered poll
+    # instance id -> (placed at, prompt tokens prefilled there, 1 if it decodes there) of recent placements
+    _recent: dict[str, deque] = field(default_factory=dict)
 
     def add_instance(self, iid: str) -> None:
         self._tickets.setdefault(iid, set())
@@ -90,11 +109,15 @@ class Ledger:
     def remove_instance(self, iid: str) -> None:
         self._tickets.pop(iid, None)
         self._polled.pop(iid, None)
+        self._recent.pop(iid, None)
 
     def open(self, ticket: Ticket) -> Ticket:
-        """Count `ticket` on its instances (those still registered)."""
+        """Count `ticket` on its instances (those still registered); a new placement counts in their rates."""
         for iid in {ticket.prefill, ticket.decode}:
             if iid in self._tickets:
+                if ticket not in self._tickets[iid] and ticket.state is TicketState.PLACED:
+                    prompt = ticket.prompt_tokens if ticket.prefill == iid else 0
+                    self._recent.setdefault(iid, deque()).append((ticket.placed_at, prompt, int(ticket.decode == iid)))
                 self._tickets[iid].add(ticket)
         return ticket
 
@@ -108,8 +131,13 @@ class Ledger:
         if count <= 0:
             return False
         first = ticket.first_token_at is None
+        ticket.step_gap_s = None
         if first:
             ticket.first_token_at = now
+        elif ticket.tokens == 1:
+            ticket.first_gap_s = now - ticket.first_token_at  # P's token to D's first: the handoff's gap
+        elif ticket.last_token_at is not None:
+            ticket.step_gap_s = (now - ticket.last_token_at) / count
         ticket.last_token_at, ticket.tokens = now, ticket.tokens + count
         if ticket.state in (TicketState.PLACED, TicketState.RUNNING):
             ticket.state = TicketState.PREFILLED
@@ -135,11 +163,21 @@ class Ledger:
             self._uncount(ticket)  # still PLACED: should its request start after all, it counts again
         return sorted(stale, key=lambda t: t.placed_at)
 
-    def load(self, iid: str) -> InstanceLoad:
+    def decode_batch(self, iid: str) -> tuple[int, int]:
+        """(requests past their first token decoding on `iid`, their context tokens now): its running batch."""
+        batch = context = 0
+        for t in self._tickets.get(iid, ()):
+            if t.decode == iid and t.state is TicketState.PREFILLED:
+                batch, context = batch + 1, context + t.prompt_tokens + t.tokens
+        return batch, context
+
+    def load(self, iid: str, now: float | None = None) -> InstanceLoad:
+        """What the router put on `iid`; with `now`, also each decode's budget and the recent rates."""
         tickets = self._tickets.get(iid, ())
         polled = self._polled.get(iid)
         outstanding = started = prefill = context = 0
         pending: list[int] = []
+        decoding: list[DecodeLoad] = []
         for t in tickets:
             unseen = polled is None or t.placed_at >= polled
             if t.state is not TicketState.PLACED:
@@ -153,7 +191,21 @@ class Ledger:
                 context += t.context_tokens
                 if unseen:
                     pending.append(t.kv_tokens)
-        return InstanceLoad(outstanding, started, prefill, context, tuple(pending))
+                if now is not None:
+                    decoding.append(t.decode_load(now))
+        if now is None:
+            return InstanceLoad(outstanding, started, prefill, context, tuple(pending))
+        decode_rate, token_rate = self._rates(iid, now)
+        return InstanceLoad(outstanding, started, prefill, context, tuple(pending), tuple(decoding), decode_rate,
+                            token_rate)
+
+    def _rates(self, iid: str, now: float) -> tuple[float, float]:
+        recent = self._recent.get(iid)
+        if not recent:
+            return 0.0, 0.0
+        while recent and recent[0][0] < now - self.rate_window_s:
+            recent.popleft()
+        return sum(r[2] for r in recent) / self.rate_window_s, sum(r[1] for r in recent) / self.rate_window_s
 
     def tickets(self, iid: str) -> frozenset[Ticket]:
         return frozenset(self._tickets.get(iid, ()))

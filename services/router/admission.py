@@ -2,14 +2,20 @@
 
 Lifecycle of a request here:
   tried at once (unless requests of its class or a higher one wait: it queues behind them)
-  -> placed | refused at once (429: its class's queue is full, it may not wait, or the reason is
-     not one waiting cures) | queued
+  -> placed | refused at once (429: its class's queue is full, it may not wait, the reason is
+     not one waiting cures, or the policy's forecast of the queue's drain gives it no slot
+     before its deadline) | queued
   -> queued: retried whenever the load changes (a prefill ended, a request finished, stats came),
      interactive requests first, each class first-come first-served; a batch request is not
      tried while an interactive one waits (batch yields)
   -> placed | refused with 429 when its deadline passes (the class's timeout, capped by its
      TTFT target: every second waited is taken off the TTFT budget it is placed with).
-No other wait: the queue per class is bounded (`slo.admission.*_queue`), every wait has a deadline.
+The forecast (`Rejection.slots_in_s`: when the 1st, 2nd, ... request like it would fit) is what
+keeps refusals fast: a request at queue position k whose k-th slot comes after its deadline, or
+too late for its TTFT target (with the margin, and the TTFT it would then get), is refused at
+once, at arrival or at the retry that finds it so, rather than at its deadline; the queue holds
+only requests predicted to get a slot in time. A policy that gives no forecast (None) queues
+as before. No other wait: the queue per class is bounded (`slo.admission.*_queue`), every wait has a deadline.
 Which reasons queue (`shared.slo.QUEUEABLE`): the ones capacity freeing up cures (KV room, decode
 batch). "No healthy instance" stays a 503 at once, "never fits" a 400.
 """
@@ -74,6 +80,7 @@ class AdmissionQueue:
         self.clock = clock
         self.queues: dict[Priority, deque[_Waiter]] = {p: deque() for p in (Priority.INTERACTIVE, Priority.BATCH)}
         self._waking = False
+        self._forecast: dict[Priority, Rejection] = {}  # the latest refusal of the class's head, with its slots
 
     def depth(self, priority: Priority) -> int:
         return len(self.queues[priority])
@@ -92,6 +99,7 @@ class AdmissionQueue:
                 rejection = exc.rejection
                 if rejection.code not in QUEUEABLE:
                     raise self._final(request, slo, rejection, 0.0, exc) from None
+                self._forecast[slo.priority] = rejection
             else:
                 self._report_admitted(slo.priority, 0.0, queued=False)
                 return route
@@ -100,6 +108,11 @@ class AdmissionQueue:
         if timeout <= 0 or len(self.queues[slo.priority]) >= limit:
             reason = DecisionReason.QUEUE_FULL if timeout > 0 or rejection is None else rejection.code
             raise self._refuse(request, slo, reason, rejection, 0.0)
+        position = self._position(slo.priority)
+        forecast = rejection or self._forecast.get(slo.priority)
+        wait = _slot_wait(forecast, position)
+        if wait is not None and wait > self._budget(slo, forecast, 0.0, timeout):
+            raise self._refuse(request, slo, forecast.code or DecisionReason.QUEUE_FULL, forecast, 0.0, wait)
         waiter = _Waiter(request, slo, attempt, now, now + timeout, asyncio.get_running_loop().create_future(),
                          rejection)
         self.queues[slo.priority].append(waiter)
@@ -155,6 +168,9 @@ class AdmissionQueue:
             except PlacementRejected as exc:
                 waiter.last = exc.rejection
                 if exc.rejection.code in QUEUEABLE:
+                    self._forecast[waiter.slo.priority] = exc.rejection
+                    if self._refuse_late(queue, exc.rejection, now):
+                        continue  # the head itself had no slot in time: the next one is the head now
                     return False
                 queue.popleft()  # waiting made it hopeless (its TTFT budget is spent): refuse now
                 waiter.future.set_exception(self._final(waiter.request, waiter.slo, exc.rejection, waited, exc))
@@ -177,7 +193,33 @@ class AdmissionQueue:
                     waiter.future.set_exception(CapacityError("the server is shutting down"))
         self._report_depth()
 
+    def _refuse_late(self, queue: deque[_Waiter], forecast: Rejection, now: float) -> bool:
+        """Refuse now every waiter whose slot (by its position) comes after its deadline; True if the head was."""
+        head_refused, refused = False, 0
+        for position, waiter in enumerate(list(queue)):
+            waited = now - waiter.enqueued_at
+            wait = _slot_wait(forecast, position - refused)
+            if wait is None or wait <= self._budget(waiter.slo, forecast, waited, waiter.deadline - now):
+                continue
+            queue.remove(waiter)
+            head_refused, refused = head_refused or position == 0, refused + 1
+            if not waiter.future.done():
+                waiter.future.set_exception(self._refuse(waiter.request, waiter.slo, forecast.code or
+                                                         DecisionReason.QUEUE_DEADLINE, forecast, waited, wait))
+        return head_refused
+
+    def _budget(self, slo: RequestSlo, forecast: Rejection | None, waited: float, left: float) -> float:
+        """How long a request may still wait: its deadline, and its TTFT target less the TTFT it would get."""
+        keep = 1.0 - self.config.admission.slo_margin
+        ttft = forecast.ttft_after_s if forecast is not None and forecast.ttft_after_s is not None else 0.0
+        return min(left, slo.ttft_s * keep - waited - ttft)
+
     # -- helpers ---------------------------------------------------------------------------------
+    def _position(self, priority: Priority) -> int:
+        """Requests that would be placed before a newcomer of `priority`: its queue position."""
+        ahead = len(self.queues[priority])
+        return ahead + (len(self.queues[Priority.INTERACTIVE]) if priority is Priority.BATCH else 0)
+
     def _ahead(self, priority: Priority) -> bool:
         """Requests of `priority` or a higher class wait: a newcomer queues behind them."""
         if self.queues[Priority.INTERACTIVE]:
@@ -199,8 +241,11 @@ class AdmissionQueue:
         return self._refuse(request, slo, rejection.code, rejection, waited)
 
     def _refuse(self, request: RequestInfo, slo: RequestSlo, reason: DecisionReason, last: Rejection | None,
-                waited: float) -> SloRejectedError:
+                waited: float, wait: float | None = None) -> SloRejectedError:
+        """A 429; `wait`: the forecast wait that made it hopeless (it becomes the Retry-After when finite)."""
         retry = max(last.retry_after_s or 0.0, 0.0) if last is not None else 0.0
+        if wait is not None and math.isfinite(wait):
+            retry = wait
         retry = max(retry, self.config.admission.min_retry_after_s)
         if reason is DecisionReason.QUEUE_FULL:
             limit, _ = self.config.queue_limit(slo.priority)
@@ -212,6 +257,9 @@ class AdmissionQueue:
             message = f"the request cannot be admitted now ({slo.priority.value} class)"
         if last is not None and last.reason:
             message += f"; {last.reason}"
+        if wait is not None:
+            message += ("; no decode slot is forecast for it" if not math.isfinite(wait) else
+                        f"; its decode slot is forecast in {wait:.2f} s, too late for its SLO")
         if self.observer is not None:
             self.observer.rejected(slo.priority, reason, waited)
         return SloRejectedError(f"{message}. Retry after {max(1, math.ceil(retry))} s, or relax the request's "
@@ -226,6 +274,14 @@ class AdmissionQueue:
         if self.observer is not None:
             for priority, queue in self.queues.items():
                 self.observer.queue_depth(priority, len(queue))
+
+
+def _slot_wait(forecast: Rejection | None, position: int) -> float | None:
+    """Forecast seconds until a request at queue `position` gets its slot; None: no forecast."""
+    if forecast is None or forecast.slots_in_s is None:
+        return None
+    slots = forecast.slots_in_s
+    return slots[position] if 0 <= position < len(slots) else math.inf
 
 
 def _with_budget(request: RequestInfo, slo: RequestSlo, waited_s: float) -> RequestInfo:

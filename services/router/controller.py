@@ -107,7 +107,8 @@ class Router:
                                now=time.monotonic())
 
     def _instance(self, stats: EngineStats, prefix: dict[str, int]) -> InstanceSnapshot:
-        load, block_size = self.ledger.load(stats.instance_id), self.clients[stats.instance_id].info.block_size
+        load = self.ledger.load(stats.instance_id, time.monotonic())
+        block_size = self.clients[stats.instance_id].info.block_size
         # Placements the last poll cannot have seen hold KV the engine's figure does not show yet.
         unseen = sum(-(-tokens // block_size) for tokens in load.pending_kv_tokens)
         return InstanceSnapshot(
@@ -123,6 +124,9 @@ class Router:
             block_size=block_size,
             prefix_blocks=prefix.get(stats.instance_id, 0),
             outstanding_context_tokens=load.context_tokens,
+            decoding=load.decoding,
+            decode_rate=load.decode_rate,
+            prefill_token_rate=load.prefill_token_rate,
         )
 
     def latest_stats(self) -> list[EngineStats]:
@@ -179,6 +183,10 @@ class Router:
         """`count` output tokens of `ticket`'s request arrived; the first ends its prefill's queue share."""
         if self.ledger.tokens(ticket, count, time.monotonic()):
             self._changed()
+        model = getattr(self.policy, "model", None)
+        if ticket.step_gap_s is not None and isinstance(model, LatencyModel):  # calibrates the decode step
+            batch, context = self.ledger.decode_batch(ticket.decode)
+            model.observe_gap(ticket.decode, batch, context, ticket.step_gap_s)
 
     def _changed(self) -> None:
         """The load changed (a prefill ended, a request finished, stats came): waiting requests may fit."""
@@ -190,10 +198,7 @@ class Router:
         placement = ticket.placement
         model = getattr(self.policy, "model", None)
         if isinstance(model, LatencyModel) and isinstance(placement, Placement):
-            if placement.predicted_ttft_s is not None and ticket.ttft_s is not None:
-                model.observe(placement.prefill, "prefill", placement.predicted_ttft_s, ticket.ttft_s)
-            if placement.predicted_tpot_s is not None and ticket.tpot_s is not None:
-                model.observe(placement.decode, "decode", placement.predicted_tpot_s, ticket.tpot_s)
+            model.observe_finished(placement, ticket.ttft_s, ticket.first_gap_s)
         if self.observer is not None:
             self.observer.finished(ticket)
 

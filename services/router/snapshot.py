@@ -14,6 +14,15 @@ from pdserve.shared.slo import DecisionReason, RequestSlo
 
 
 @dataclass(frozen=True)
+class DecodeLoad:
+    """One request the router routed to an instance to decode, not yet finished (SLO-aware policy's view)."""
+
+    remaining_tokens: int  # output tokens still to come (max_tokens less those streamed)
+    budget_s: float  # decode time it may still take and meet its TPOT target (inf: no target)
+    kv_tokens: int = 0  # KV it holds at its end (prompt + max_tokens), freed when it finishes
+
+
+@dataclass(frozen=True)
 class InstanceSnapshot:
     """One engine instance as the router sees it at one moment."""
 
@@ -33,6 +42,10 @@ class InstanceSnapshot:
     prefix_blocks: int = 0
     # prompt + expected output tokens of the requests decoding here (the router's estimate; 0: unknown)
     outstanding_context_tokens: int = 0
+    # The router's per-request view of what decodes here (empty: unknown) and its recent placement rates
+    decoding: tuple[DecodeLoad, ...] = ()
+    decode_rate: float = 0.0  # requests placed here to decode per second, lately
+    prefill_token_rate: float = 0.0  # prompt tokens placed here to prefill per second, lately
 
     @property
     def kv_usage(self) -> float:
@@ -81,6 +94,8 @@ class Placement:
     reason: DecisionReason | None = None
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
+    # the latency model's uncalibrated inputs behind them (what online calibration learns from)
+    basis: tuple[float, ...] | None = None
 
     @property
     def colocated(self) -> bool:
@@ -96,6 +111,10 @@ class Rejection:
     retryable: bool = True  # True: capacity may free up; False: it can never fit
     code: DecisionReason | None = None  # the SLO-aware policy's reason, for metrics and admission
     retry_after_s: float | None = None  # its estimate of when capacity frees up
+    # Predicted seconds from now until the 1st, 2nd, ... request like this one could be placed
+    # (the admission queue's drain); None: the policy does not say; () : not foreseeable.
+    slots_in_s: tuple[float, ...] | None = None
+    ttft_after_s: float | None = None  # predicted TTFT once placed (a wait comes on top)
 
 
 Decision = Placement | Rejection

@@ -18,8 +18,10 @@ from pdserve.shared.slo_config import SloRoutingConfig
 class Cluster:
     """`attempt` places while `free` slots remain, else raises the scripted rejection; records each try."""
 
-    def __init__(self, free: int = 0, reason: R = R.NO_KV_ROOM, retry_after_s: float = 3.2) -> None:
+    def __init__(self, free: int = 0, reason: R = R.NO_KV_ROOM, retry_after_s: float = 3.2,
+                 slots: tuple[float, ...] | None = None, ttft_after_s: float | None = None) -> None:
         self.free, self.reason, self.retry_after_s = free, reason, retry_after_s
+        self.slots, self.ttft_after_s = slots, ttft_after_s
         self.tries: list[RequestInfo] = []
         self.placed: list[str] = []
 
@@ -27,7 +29,8 @@ class Cluster:
         self.tries.append(request)
         if self.free <= 0:
             raise PlacementRejected(Rejection(request.request_id, f"scripted: {self.reason.value}", code=self.reason,
-                                              retry_after_s=self.retry_after_s), request)
+                                              retry_after_s=self.retry_after_s, slots_in_s=self.slots,
+                                              ttft_after_s=self.ttft_after_s), request)
         self.free -= 1
         self.placed.append(request.request_id)
         return f"route-{request.request_id}"
@@ -200,3 +203,59 @@ async def test_close_refuses_everyone_waiting():
     q.close()
     with pytest.raises(CapacityError):
         await task
+
+
+# -- the forecast: refuse at once what would only wait to be refused --------------------------------
+
+async def test_no_forecast_slot_before_the_deadline_is_a_429_at_once_not_a_wait():
+    q, rec = queue(slo_margin=0.0)
+    # the 1st slot is forecast in 3 s; the request may wait 2 s (its TTFT target caps the 2 s timeout)
+    with pytest.raises(SloRejectedError) as err:
+        await q.admit(req("a", ttft=2.0), Cluster(reason=R.TPOT_UNMET, slots=(3.0,)).attempt)
+    assert err.value.reason is R.TPOT_UNMET and err.value.headers == {"Retry-After": "3"}
+    assert "forecast in 3.00 s" in err.value.message
+    assert q.depth(Priority.INTERACTIVE) == 0 and rec.events == [("rejected", Priority.INTERACTIVE, R.TPOT_UNMET)]
+    with pytest.raises(SloRejectedError) as err:  # nothing forecast at all: the same, at once
+        await q.admit(req("b"), Cluster(reason=R.NO_KV_ROOM, slots=()).attempt)
+    assert err.value.reason is R.NO_KV_ROOM and "no decode slot is forecast" in err.value.message
+
+
+async def test_the_ttft_it_would_get_and_the_margin_shorten_the_wait_it_may_have():
+    q, _ = queue(slo_margin=0.1)
+    # 2 s target, 90 % of it usable, 1.2 s of TTFT once placed: 0.6 s left to wait; the slot is in 0.7 s
+    with pytest.raises(SloRejectedError):
+        await q.admit(req("a", ttft=2.0), Cluster(reason=R.TPOT_UNMET, slots=(0.7,), ttft_after_s=1.2).attempt)
+    cluster = Cluster(reason=R.TPOT_UNMET, slots=(0.5,), ttft_after_s=1.2)  # in time: it waits
+    task = asyncio.create_task(q.admit(req("b", ttft=2.0), cluster.attempt))
+    await asyncio.sleep(0.01)
+    assert q.depth(Priority.INTERACTIVE) == 1
+    cluster.free = 1
+    q.wake()
+    assert await task == "route-b"
+
+
+async def test_queue_position_picks_the_slot_and_late_waiters_are_refused_when_a_retry_finds_them_late():
+    q, rec = queue(slo_margin=0.0)
+    cluster = Cluster(reason=R.TPOT_UNMET, slots=(0.1, 0.2, 5.0))
+    first = asyncio.create_task(q.admit(req("a"), cluster.attempt))
+    second = asyncio.create_task(q.admit(req("b"), cluster.attempt))
+    await asyncio.sleep(0.01)
+    assert q.depth(Priority.INTERACTIVE) == 2
+    with pytest.raises(SloRejectedError):  # third in line: its slot (5 s) is past its 2 s
+        await q.admit(req("c"), cluster.attempt)
+    cluster.slots = (0.1, 4.0)  # the forecast slips: the second waiter's slot now comes too late
+    q.wake()
+    with pytest.raises(SloRejectedError) as err:
+        await second
+    assert err.value.reason is R.TPOT_UNMET and q.depth(Priority.INTERACTIVE) == 1
+    cluster.free = 1
+    q.wake()
+    assert await first == "route-a"
+    assert [e[2] for e in rec.events if e[0] == "rejected"] == [R.TPOT_UNMET, R.TPOT_UNMET]
+
+
+async def test_without_a_forecast_a_request_waits_as_before():
+    q, _ = queue(interactive_timeout_s=0.05)
+    with pytest.raises(SloRejectedError) as err:
+        await q.admit(req("a"), Cluster(reason=R.TPOT_UNMET, slots=None).attempt)
+    assert err.value.reason is R.QUEUE_DEADLINE

@@ -32,8 +32,9 @@ class Linear:
 def slo_gateway(demo_model_dir):
     model = ServedModel.load("demo", str(demo_model_dir), 512)
     cfg = SloRoutingConfig()
-    cfg.admission = cfg.admission.model_copy(update={"interactive_timeout_s": 0.0})  # refuse, never queue
-    policy = SloAware(cfg, LatencyModel(Linear(), kv_bytes_per_token=0, handoff_latency_s=0, weight=1e-9))
+    cfg.admission = cfg.admission.model_copy(update={"interactive_timeout_s": 0.0,
+                                                             "slo_margin": 0.0})  # refuse, never queue
+    policy = SloAware(cfg, LatencyModel(Linear(), kv_bytes_per_token=0, handoff_latency_s=0, prior=1e12))
     engine = FakeEngineClient.make("mixed-0", max_model_len=512, detokenize=model.decode,
                                    faults=FaultPlan(token_interval_s=0.005))
     router = Router([engine], policy, admission=AdmissionQueue(cfg))
