@@ -21,8 +21,12 @@ Failure paths, each ending the other half at once:
   - D takes longer than the transfer timeout after P's token (a stuck
     transfer, a frozen D): D is aborted and the request goes on whole on P
     from its own token (P holds the prompt in its prefix cache).
-  - D fails after the client saw tokens: a clear error (resuming a stream is
-    migration's work). The client leaving aborts both.
+  - D fails after the client saw tokens: the handoff raises the engine's error,
+    and the resumable stream around it (`pdserve.router.resume`, as the router
+    wraps every route) continues the request on another instance by recomputing
+    prompt + generated tokens; only when none can take it does the client get
+    an error event. The client leaving aborts both.
+`where()` says which instance (and request id there) produces the tokens now.
 """
 
 from __future__ import annotations
