@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.planner.errors import PlannerError, SpecError, TraceError
-from pdserve.planner.perf_model import DECODE_MODELS, ProfileSet
+from pdserve.planner.calibrate import Calibration
+from pdserve.planner.perf_model import DECODE_MODELS, PerfModel, ProfileSet
 from pdserve.planner.simulator import InstanceSpec, SimConfig, Simulator
 from pdserve.planner.trace import Trace
+from pdserve.router.policy import PlacementPolicy
 from pdserve.router.registry import make_policy
 from pdserve.shared.roles import Role
 
@@ -62,13 +64,13 @@ def parse_pools(text: str) -> dict[Role, int]:
     return pools
 
 
-def compare(run_dir: Path, profiles: ProfileSet, model: str, hardware: str, pools: dict[Role, int],
-            kv_tokens: int, policy: str, config: SimConfig) -> dict:
+def compare(run_dir: Path, profiles: ProfileSet | PerfModel, model: str, hardware: str, pools: dict[Role, int],
+            kv_tokens: int, policy: str | PlacementPolicy, config: SimConfig) -> dict:
     trace, measured = read_run(run_dir)
-    perf = profiles.get(model, hardware)
+    perf = profiles if isinstance(profiles, PerfModel) else profiles.get(model, hardware)
     instances = [InstanceSpec(f"{role.value}-{i}", role, hardware, perf, kv_tokens)
                  for role, n in pools.items() for i in range(n)]
-    res = Simulator(instances, make_policy(policy), config).run(trace)
+    res = Simulator(instances, make_policy(policy) if isinstance(policy, str) else policy, config).run(trace)
     simulated = {"ttft": res.ttft, "tpot": res.tpot}
     table = {}
     for metric in ("ttft", "tpot"):
@@ -81,13 +83,27 @@ def compare(run_dir: Path, profiles: ProfileSet, model: str, hardware: str, pool
             "percentiles": table}
 
 
+def calibrated_config(cal: Calibration, **changes) -> SimConfig:
+    """The live engine's scheduler (vLLM V1: chunked prefill at the calibrated budget) and overheads."""
+    return SimConfig(max_prefill_tokens=cal.budget, chunked_prefill=True, kv_bytes_per_token=cal.kv_bytes_per_token,
+                     max_batch_size=128, link=cal.link(), overheads=cal.overheads(), **changes)
+
+
+def default_pools(design: str) -> dict[Role, int]:
+    return {Role.PREFILL: 1, Role.DECODE: 1} if design == "disaggregated" else {Role.MIXED: 1}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--profile", required=True)
-    parser.add_argument("--model", required=True, help="`model` column of the profile.")
+    parser.add_argument("--profile", help="Profile CSV (e.g. `pdserve profile`'s); or --calibration.")
+    parser.add_argument("--calibration", type=Path,
+                        help="`python -m pdserve.planner.calibrate` output: its step lines, serving overheads and "
+                             "handoff, vLLM's chunked prefill at its budget, and its design's pools.")
+    parser.add_argument("--model", default="demo_model", help="`model` column of the profile.")
     parser.add_argument("--hardware", default="cpu", help="`hardware` column of the profile.")
-    parser.add_argument("--pools", default="mixed=1", help="mixed=N, or prefill=N,decode=N (as served).")
+    parser.add_argument("--pools", help="mixed=N, or prefill=N,decode=N (as served; default mixed=1, or the "
+                                        "calibration's design).")
     parser.add_argument("--kv-tokens", type=int, default=1_000_000, help="KV capacity per instance, tokens.")
     parser.add_argument("--policy", default="least_loaded", help="The router policy the server used.")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192, help="vLLM's max_num_batched_tokens.")
@@ -95,9 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="Also write the comparison here.")
     args = parser.parse_args(argv)
     try:
-        cfg = SimConfig(max_prefill_tokens=args.max_prefill_tokens)
-        out = compare(args.run_dir, ProfileSet.from_csv(args.profile, decode_model=args.decode_model), args.model, args.hardware,
-                      parse_pools(args.pools), args.kv_tokens, args.policy, cfg)
+        if args.calibration:
+            cal = Calibration.load(args.calibration)
+            cfg = calibrated_config(cal)
+            perf: ProfileSet | PerfModel = cal.perf_model()
+            pools = parse_pools(args.pools) if args.pools else default_pools(cal.design)
+        elif args.profile:
+            cfg = SimConfig(max_prefill_tokens=args.max_prefill_tokens)
+            perf = ProfileSet.from_csv(args.profile, decode_model=args.decode_model)
+            pools = parse_pools(args.pools or "mixed=1")
+        else:
+            raise SpecError("give --profile or --calibration")
+        out = compare(args.run_dir, perf, args.model, args.hardware, pools, args.kv_tokens, args.policy, cfg)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,11 +5,13 @@ Placement and admission are the router's own: every arrival is decided by a
 simulated instances, exactly as the live controller builds one from engine
 stats. The core is pure: no I/O, no clocks; a run is deterministic.
 
-Instance model (one engine, like vLLM without chunked prefill, as in
-Splitwise's simulator):
+Instance model (one engine; `sim_config.py` has the two schedulers):
 - An iteration is either a prefill iteration (FIFO prompts up to
   `max_prefill_tokens`, at least one; the running decode batch rides along
-  and advances one token: mixed batching) or a decode run.
+  and advances one token: mixed batching) or a decode run. With
+  `chunked_prefill` (vLLM V1) a prefill iteration is one step whose token
+  budget the decodes share, and a long prompt is cut into chunks over
+  consecutive steps; its first token comes at the end of its last chunk.
 - A decode run is a sequence of equal steps with an unchanged batch. It is
   simulated as one event that ends when the first request of the batch
   finishes; an arrival (a prompt to prefill, a KV cache to join) cuts it at
@@ -31,6 +33,11 @@ Splitwise's simulator):
   T = prompt tokens x KV bytes per token / bandwidth; `LinkConfig.shared =
   False` gives that for every transfer. The first token is emitted at the
   end of the prefill: TTFT never waits for the handoff.
+- Serving overheads (`ServingOverheads`, zero unless set): a prompt enters
+  its engine's queue `dispatch_s` after it arrives; disaggregated, it waits
+  first for D's next step boundary and `reservation_s` (D's reservation
+  reaching P), and D runs one step more than the tokens it adds (its first
+  step recomputes the prompt's last token and samples P's token again).
 
 Admission: a retryable rejection (a policy that refuses when KV is short)
 waits in the router's FIFO queue and is re-decided whenever a request
@@ -48,46 +55,18 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from pdserve.planner.links import SharedLinks
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.prefix_cache import PrefixCacheModel, Sessions
+from pdserve.planner.sim_config import LinkConfig, ServingOverheads, SimConfig  # noqa: F401 - re-exported
 from pdserve.planner.trace import Trace
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Placement, RequestInfo
 from pdserve.shared.roles import Role
 
-_ARRIVE, _ITER_END, _KV_READY, _LINK = 0, 1, 2, 3
+_ARRIVE, _ITER_END, _KV_READY, _LINK, _ENQUEUE = 0, 1, 2, 3, 4
 _EPS = 1e-9
-
-
-class LinkConfig(BaseModel):
-    """The link the KV cache crosses from a prefill to a decode instance."""
-
-    bandwidth_gbps: float = Field(200.0, description="GB/s between two machines (DGX-A100: 8 x 200 Gb/s IB = 200 GB/s).")
-    latency_s: float = Field(0.0005, description="Fixed cost per handoff (handshake, first byte), seconds.")
-    overlap: float = Field(0.95, ge=0.0, le=1.0,
-                           description="Fraction of the transfer that layer-wise sending can hide behind the prefill.")
-    shared: bool = Field(True, description="Concurrent transfers out of one machine or into one machine share its "
-                                           "link; False: every transfer has the whole bandwidth.")
-
-    def handoff_time(self, kv_bytes: float, prefill_duration: float) -> float:
-        transfer = kv_bytes / (self.bandwidth_gbps * 1e9)
-        return self.latency_s + max(transfer * (1.0 - self.overlap), transfer - prefill_duration)
-
-
-class SimConfig(BaseModel):
-    """Engine and router limits shared by every instance of a simulated cluster."""
-
-    block_size: int = Field(16, description="KV block size in tokens (vLLM's default).")
-    max_batch_size: int = Field(512, description="Most requests in one decode batch (Splitwise's simulator: 512).")
-    max_prefill_tokens: int = Field(2048, description="Prompt tokens batched into one prefill iteration; a longer "
-                                                      "prompt runs alone (Splitwise's max_batch_tokens).")
-    kv_bytes_per_token: int = Field(327680, description="KV bytes per token, for handoff times (Llama-2-70B fp16).")
-    admission_timeout_s: float = Field(60.0, description="How long a request may wait for KV room before it is "
-                                                         "rejected; 0 rejects at once.")
-    link: LinkConfig = Field(default_factory=LinkConfig)
 
 
 @dataclass(frozen=True)
@@ -121,10 +100,12 @@ class _Instance:
     step_time: float = 0.0
     planned_steps: int = 0
     batch: list = field(default_factory=list)  # requests in the running prefill iteration
+    takes: list | None = None  # chunked prefill: their tokens in it
     batch_tokens: int = 0  # their prompt tokens
     rides_along: bool = False  # decoders advance a step in this prefill iteration
     version: int = 0
     busy_time: float = 0.0
+    end: float = 0.0  # when the running iteration ends (as planned)
     pos: int = 0  # index in the simulator's instance list
 
 
@@ -205,6 +186,8 @@ class Simulator:
         self.session = sessions.session.tolist() if sessions is not None else [-1] * n
         self.shared = sessions.shared.tolist() if sessions is not None else [0] * n
         self.compute = list(self.prompt)  # prompt tokens the prefill instance computes
+        self.done = [0] * n  # chunked prefill: prompt tokens computed so far
+        self.prefill_start = [0.0] * n  # when the request's first prefill chunk started
         self.kv_sent = [0] * n
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
@@ -226,6 +209,8 @@ class Simulator:
                 self._iteration_end(self.inst[a], b, now)
             elif kind == _KV_READY:
                 self._kv_ready(a, b, now)
+            elif kind == _ENQUEUE:
+                self._enqueue(a, now)
             elif a == self.links.version:  # _LINK; a stale one (rates changed since) is ignored
                 self._link_done(now)
         for r in self.admission:
@@ -319,8 +304,29 @@ class Simulator:
                 self.kv_sent[r] = self.prompt[r] - self.cache.held(d, self.session[r], self.shared[r]) // bs * bs
         elif p != d:
             self.kv_sent[r] = self.prompt[r]
+        pre.pending_prefill_tokens += self.compute[r]  # the router counts it from placement on
+        self._dirty.add(pre.pos)
+        over = self.cfg.overheads
+        if not over.any:
+            self._enqueue(r, now)
+            return
+        at = now + over.dispatch_s
+        if p != d:  # the request reaches D, whose scheduler reserves its blocks between two steps
+            at = (self._next_boundary(dec, at) if over.reservation_at_step else at) + over.reservation_s
+        self._push(at, _ENQUEUE, r)
+
+    def _next_boundary(self, inst: _Instance, t: float) -> float:
+        """The first step boundary of `inst` at or after `t` (>= now), as far as its current iteration tells."""
+        if not inst.busy or t >= inst.end:
+            return t
+        if inst.kind == 2:
+            steps = math.ceil((t - inst.start) / inst.step_time - _EPS)
+            return inst.start + max(steps, 0) * inst.step_time
+        return inst.end
+
+    def _enqueue(self, r: int, now: float) -> None:
+        pre = self.inst[self.placement[r][0]]
         pre.prefill_queue.append(r)
-        pre.pending_prefill_tokens += self.compute[r]
         self._dirty.add(pre.pos)
         self._wake(pre, now)
 
@@ -336,6 +342,7 @@ class Simulator:
                 steps += 1  # mid-step: the step in flight completes first
             if steps < inst.planned_steps:
                 inst.planned_steps = steps
+                inst.end = inst.start + steps * inst.step_time
                 inst.version += 1
                 self._push(inst.start + steps * inst.step_time, _ITER_END, inst.pos,
                            inst.version)
@@ -346,15 +353,10 @@ class Simulator:
             self._join(inst, inst.joins.popleft())
         self._dirty.add(inst.pos)
         running = len(inst.finish_heap)
-        if inst.prefill_queue:
-            batch, tokens = [], 0
-            while inst.prefill_queue and (not batch or tokens + self.compute[inst.prefill_queue[0]]
-                                          <= self.cfg.max_prefill_tokens):
-                r = inst.prefill_queue.popleft()
-                batch.append(r)
-                tokens += self.compute[r]
+        if inst.prefill_queue and (not self.cfg.chunked_prefill or running < self.cfg.max_prefill_tokens):
+            tokens = self._take_prefill(inst, running, now)
             duration = inst.spec.perf.prefill_time(tokens + running)
-            inst.kind, inst.batch, inst.batch_tokens, inst.rides_along = 1, batch, tokens, running > 0
+            inst.kind, inst.batch_tokens, inst.rides_along = 1, tokens, running > 0
         elif running:
             ctx = inst.ctx_base + running * inst.steps
             inst.step_time = inst.spec.perf.decode_step_time(running, ctx)
@@ -364,14 +366,44 @@ class Simulator:
         else:
             inst.busy = False
             return
-        inst.busy, inst.start = True, now
+        inst.busy, inst.start, inst.end = True, now, now + duration
         inst.version += 1
         self._push(now + duration, _ITER_END, inst.pos, inst.version)
+
+    def _take_prefill(self, inst: _Instance, running: int, now: float) -> int:
+        """The prompts (chunked: the chunks) of the prefill iteration starting now; returns its tokens."""
+        queue, compute, limit = inst.prefill_queue, self.compute, self.cfg.max_prefill_tokens
+        batch, tokens = [], 0
+        if not self.cfg.chunked_prefill:
+            while queue and (not batch or tokens + compute[queue[0]] <= limit):
+                r = queue.popleft()
+                batch.append(r)
+                tokens += compute[r]
+            inst.batch, inst.takes = batch, None
+            return tokens
+        # vLLM V1: the running decodes took one token each of the step's budget; prompts fill the rest
+        # in queue order, the last one cut where the budget ends (it stays at the queue's head)
+        budget, takes = limit - running, []
+        for r in queue:
+            if budget <= 0:
+                break
+            take = min(compute[r] - self.done[r], budget)
+            if not self.done[r]:
+                self.prefill_start[r] = now
+            batch.append(r)
+            takes.append(take)
+            tokens += take
+            budget -= take
+        inst.batch, inst.takes = batch, takes
+        return tokens
 
     def _join(self, inst: _Instance, r: int) -> None:
         self.join_step[r] = inst.steps
         inst.ctx_base += self.prompt[r] + 1 - inst.steps
-        heapq.heappush(inst.finish_heap, (inst.steps + self.output[r] - 1, r))
+        p, d = self.placement[r]
+        # handed off: D's first step only recomputes the prompt's last token and re-samples P's token
+        steps = self.output[r] if p != d and self.cfg.overheads.decode_first_step else self.output[r] - 1
+        heapq.heappush(inst.finish_heap, (inst.steps + steps, r))
 
     def _iteration_end(self, inst: _Instance, version: int, now: float) -> None:
         if version != inst.version:
@@ -382,8 +414,17 @@ class Simulator:
             if inst.rides_along:
                 inst.steps += 1
             self._finish_decoders(inst, now)
-            for r in inst.batch:
-                self._prefilled(inst, r, now)
+            if inst.takes is None:
+                for r in inst.batch:
+                    inst.pending_prefill_tokens -= self.compute[r]
+                    self._prefilled(inst, r, now, inst.start)
+            else:
+                for r, take in zip(inst.batch, inst.takes):
+                    self.done[r] += take
+                    inst.pending_prefill_tokens -= take
+                    if self.done[r] >= self.compute[r]:
+                        inst.prefill_queue.popleft()  # the finished prompts lead the queue
+                        self._prefilled(inst, r, now, self.prefill_start[r])
             inst.batch = []
         else:
             inst.steps += inst.planned_steps
@@ -391,9 +432,8 @@ class Simulator:
         inst.busy = False
         self._start_iteration(inst, now)
 
-    def _prefilled(self, inst: _Instance, r: int, now: float) -> None:
+    def _prefilled(self, inst: _Instance, r: int, now: float, started: float) -> None:
         self.first_token[r] = now
-        inst.pending_prefill_tokens -= self.compute[r]
         self._dirty.add(inst.pos)
         p, d = self.placement[r]
         if self.cache is not None:  # both now hold the prompt (D once the KV lands; close enough)
@@ -408,12 +448,13 @@ class Simulator:
         inst.outstanding -= 1  # the prefill instance's part is done
         link, kv = self.cfg.link, self.kv_sent[r] * self.cfg.kv_bytes_per_token
         if not link.shared:
-            delay = link.handoff_time(kv, now - inst.start)
+            delay = link.handoff_time(kv, now - started)
             self.handoff[r] = delay
             self._push(now + delay, _KV_READY, r, d)
             return
         # what layer-wise sending got through during the prefill, this prompt's share of the link
-        sent = min(kv * link.overlap, self.links.bandwidth * (now - inst.start) * self.compute[r] / inst.batch_tokens)
+        share = min(self.compute[r] / inst.batch_tokens, 1.0)
+        sent = min(kv * link.overlap, self.links.bandwidth * (now - started) * share)
         if kv - sent <= 0:
             self.handoff[r] = link.latency_s
             self._push(now + link.latency_s, _KV_READY, r, d)

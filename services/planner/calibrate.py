@@ -1,0 +1,277 @@
+"""Calibrate the simulator on a live cluster: step costs and serving overheads from `pdserve bench` runs.
+
+Input: a bench run of isolated requests (`--concurrency 1`, the trace's lengths: the "probes")
+on the design to model, and optionally a loaded replay on it. Each request's requests.csv row
+gives its prompt and output tokens, TTFT and every inter-token gap, which is all a client sees.
+From them, with robust lines (Theil-Sen: the median of pairwise slopes, so one request slowed
+by a neighbour's job does not tilt the line):
+
+- decode step at batch 1: each probe's mean gap after its first one (a sum of gaps, so tokens
+  the gateway merged into one delta still count their time) against its mean context
+  (prompt + output / 2): `decode_base_s + decode_per_context_s x context`;
+- prefill: each probe's TTFT against its prompt tokens, in vLLM steps of at most
+  `budget` tokens: TTFT = dispatch + steps x step base + per-token x prompt, with the
+  step base the batch-1 decode step (a step's fixed cost: scheduling, sampling, output);
+  what is left of the intercept is `dispatch_s` (gateway, router, Ray, and disaggregated the
+  reservation round trip through D);
+- disaggregated handoff: the first gap (P's token to D's second) less D's two steps (D's first
+  step recomputes the prompt's last token and samples P's token again), median over probes;
+- decode cost per request in the batch: from the replay (each request's mean gap against
+  the mean number of requests decoding beside it on its instance, Theil-Sen, intercept
+  pinned to the batch-1 step), else the shape of an offline profile (`pdserve profile`)
+  scaled to the live batch-1 step.
+
+Output: `Calibration` (JSON), which gives the simulator a `PerfModel`, `ServingOverheads`
+and a `LinkConfig`, and a profile CSV in Splitwise's format (the fitted lines at the
+profiler's grid) that `pdserve plan/simulate --profile` and the router's latency model read.
+
+  python -m pdserve.planner.calibrate RUN/probes --design disaggregated [--replay RUN/rate1] \\
+      --output calib.json [--profile-csv live_cpu.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pdserve.planner.decode_model import DecodeLimits, PhysicalDecode
+from pdserve.planner.errors import PlannerError, TraceError
+from pdserve.planner.perf_model import COLUMNS, Interp1D, PerfModel, ProfileSet
+from pdserve.planner.sim_config import LinkConfig, ServingOverheads
+
+DEMO_PROFILE = Path(__file__).resolve().parent / "profiles" / "demo_cpu.csv"
+DESIGNS = ("disaggregated", "colocated")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One successful request as the client saw it (seconds from the run's start)."""
+
+    start: float
+    prompt: int
+    output: int
+    ttft: float
+    gaps: tuple[float, ...]
+
+    @property
+    def first_token(self) -> float:
+        return self.start + self.ttft
+
+    @property
+    def finish(self) -> float:
+        return self.first_token + sum(self.gaps)
+
+
+def read_requests(run_dir: Path) -> list[Measured]:
+    path = Path(run_dir) / "requests.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["success"] == "1"]
+    except OSError as exc:
+        raise TraceError(f"cannot read {path}: {exc}") from None
+    out = [Measured(float(r["start_s"]), int(r["prompt_tokens"]), int(r["output_tokens"]), float(r["ttft_ms"]) / 1000,
+                    tuple(float(g) / 1000 for g in (r.get("itl_ms") or "").split())) for r in rows]
+    if not out:
+        raise TraceError(f"{path}: no successful requests")
+    return sorted(out, key=lambda m: m.start)
+
+
+def theil_sen(xs: list[float], ys: list[float], min_slope: float = 0.0) -> tuple[float, float]:
+    """(intercept, slope): the median pairwise slope (at least `min_slope`), the median residual."""
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs))
+              if xs[j] != xs[i]]
+    slope = max(statistics.median(slopes), min_slope) if slopes else min_slope
+    return statistics.median(y - slope * x for x, y in zip(xs, ys)), slope
+
+
+def prefill_steps(prompt: int, budget: int) -> int:
+    return max(math.ceil(prompt / budget), 1)
+
+
+@dataclass
+class Calibration:
+    """A live cluster's step costs and overheads (seconds); `fit` holds how well the lines fit."""
+
+    design: str
+    budget: int  # vLLM's max_num_batched_tokens
+    decode_base_s: float
+    decode_per_context_s: float
+    decode_per_request_s: float
+    prefill_per_token_s: float
+    dispatch_s: float
+    handoff_s: float = 0.0
+    kv_bytes_per_token: int = 2048
+    fit: dict = field(default_factory=dict)
+
+    def prefill_time(self, tokens: float) -> float:
+        return self.decode_base_s + self.prefill_per_token_s * tokens
+
+    def decode_step_time(self, batch: int, context: float) -> float:
+        return self.decode_base_s + self.decode_per_request_s * (batch - 1) + self.decode_per_context_s * context
+
+    def overheads(self) -> ServingOverheads:
+        split = self.design == "disaggregated"
+        return ServingOverheads(dispatch_s=self.dispatch_s, reservation_at_step=split, decode_first_step=split)
+
+    def link(self) -> LinkConfig:
+        # the KV itself is small here (MBs over loopback TCP, mostly sent during the prefill):
+        # what the handoff costs is latency, measured as a whole
+        return LinkConfig(bandwidth_gbps=1.0, latency_s=self.handoff_s, overlap=0.95)
+
+    def profile_rows(self, model: str, hardware: str) -> list[dict]:
+        """The fitted lines at `pdserve profile`'s grid, as profile CSV rows (times in ms)."""
+        rows, tokens = [], 32
+        grid = [(p, 1) for p in (16, 64, 128, 256, 512, 1024, 2048)] + [(128, b) for b in (2, 4, 8, 16, 32)]
+        for prompt, batch in grid:
+            prefill = sum(self.prefill_time(min(self.budget, batch * prompt - k * self.budget))
+                          for k in range(prefill_steps(batch * prompt, self.budget)))
+            step = self.decode_step_time(batch, batch * (prompt + tokens / 2))
+            rows.append({"model": model, "hardware": hardware, "prompt_size": prompt, "batch_size": batch,
+                         "token_size": tokens, "peak_power": "", "average_power": "", "prompt_time": prefill * 1000,
+                         "token_time": step * 1000, "e2e_time": (prefill + step * (tokens - 1)) * 1000,
+                         "tensor_parallel": 1})
+        return rows
+
+    def perf_model(self) -> PerfModel:
+        """The lines themselves as the simulator's model (a step: prefill_time(tokens in it))."""
+        prefill = Interp1D([1.0, 2.0], [self.prefill_time(1), self.prefill_time(2)])  # linear past both ends
+        step = PhysicalDecode(self.decode_base_s - self.decode_per_request_s, self.decode_per_context_s,
+                              self.decode_per_request_s, DecodeLimits())
+        return PerfModel(prefill, Interp1D([1.0], [self.decode_base_s]), step_model=step)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise PlannerError(f"cannot read calibration {path}: {exc}") from None
+
+
+def _decode_batch1(probes: list[Measured], split: bool) -> tuple[float, float, list]:
+    """Batch-1 step line over context: each probe's mean gap after the first (D: after its first)."""
+    xs, ys = [], []
+    for m in probes:
+        rest = m.gaps[1:]
+        if len(rest) >= 4:
+            xs.append(m.prompt + m.output / 2)
+            ys.append(sum(rest) / len(rest))
+    if len(xs) < 3:
+        raise TraceError("calibration needs at least 3 probes with 6+ output tokens")
+    base, per_ctx = theil_sen(xs, ys)
+    return base, per_ctx, list(zip(xs, ys))
+
+
+def _batch_slope_from_replay(replay: list[Measured], base: float, per_ctx: float) -> tuple[float, int]:
+    """Per-request cost: mean gap minus the batch-1 line, against the mean batch beside each request."""
+    xs, ys = [], []
+    spans = [(m.first_token, m.finish) for m in replay]
+    for m in replay:
+        rest = m.gaps[1:]
+        if len(rest) < 4:
+            continue
+        t0, t1 = m.first_token + m.gaps[0], m.finish
+        if t1 <= t0:
+            continue
+        overlap = sum(max(min(t1, b) - max(t0, a), 0.0) for a, b in spans)  # includes itself
+        xs.append(overlap / (t1 - t0) - 1.0)
+        ys.append(sum(rest) / len(rest) - base - per_ctx * (m.prompt + m.output / 2))
+    if len(xs) < 3:
+        return 0.0, len(xs)
+    # the line through the batch-1 point: the median of the per-request slopes
+    slopes = [y / x for x, y in zip(xs, ys) if x > 0.05]
+    return (max(statistics.median(slopes), 0.0) if slopes else 0.0), len(xs)
+
+
+def _batch_slope_from_profile(profile: Path, base: float) -> float:
+    """An offline profile's per-request step cost, as a share of its batch-1 step, times the live one."""
+    rows = ProfileSet.from_csv(profile)._rows
+    points = [(r["batch_size"], r["token_time"]) for key in rows for r in rows[key] if r["prompt_size"] == 128]
+    by_batch: dict[int, list[float]] = {}
+    for b, t in points:
+        by_batch.setdefault(b, []).append(t)
+    bs = sorted(by_batch)
+    if len(bs) < 2:
+        return 0.0
+    med = {b: statistics.median(by_batch[b]) for b in bs}
+    intercept, slope = theil_sen([float(b) for b in bs], [med[b] for b in bs])
+    one = intercept + slope
+    return base * slope / one if one > 0 else 0.0
+
+
+def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: list[Measured] | None = None,
+              shape_profile: Path | None = DEMO_PROFILE, kv_bytes_per_token: int = 2048) -> Calibration:
+    if design not in DESIGNS:
+        raise PlannerError(f"unknown design {design!r}: use one of {', '.join(DESIGNS)}")
+    split = design == "disaggregated"
+    base, per_ctx, d_points = _decode_batch1(probes, split)
+    # TTFT = dispatch + steps x base + per_token x prompt: a line in prompt once the step bases are taken off
+    xs = [float(m.prompt) for m in probes]
+    ys = [m.ttft - prefill_steps(m.prompt, budget) * base for m in probes]
+    dispatch, per_token = theil_sen(xs, ys)
+    handoff = 0.0
+    if split:
+        first = [m.gaps[0] - 2 * (base + per_ctx * m.prompt) for m in probes if m.gaps]
+        handoff = max(statistics.median(first), 0.0) if first else 0.0
+    if replay:
+        per_request, used = _batch_slope_from_replay(replay, base, per_ctx)
+        source = f"replay ({used} requests)"
+    else:
+        per_request = _batch_slope_from_profile(shape_profile, base) if shape_profile else 0.0
+        source = f"shape of {shape_profile}"
+    fit = {"probes": len(probes), "per_request_source": source,
+           "ttft_residuals_ms": [round((m.ttft - dispatch - prefill_steps(m.prompt, budget) * base
+                                        - per_token * m.prompt) * 1000, 1) for m in probes],
+           "decode_points_ms": [[round(c), round(t * 1000, 2)] for c, t in d_points]}
+    return Calibration(design, budget, base, per_ctx, per_request, per_token, max(dispatch, 0.0), handoff,
+                       kv_bytes_per_token, fit)
+
+
+def write_profile_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probes", type=Path, help="Bench run of isolated requests (--concurrency 1).")
+    parser.add_argument("--design", required=True, choices=DESIGNS)
+    parser.add_argument("--replay", type=Path, help="A loaded bench run on the same design: per-request cost.")
+    parser.add_argument("--budget", type=int, default=2048, help="vLLM's max_num_batched_tokens (default 2048).")
+    parser.add_argument("--shape-profile", type=Path, default=DEMO_PROFILE,
+                        help="Offline profile whose batch sweep gives the per-request cost without --replay.")
+    parser.add_argument("--kv-bytes-per-token", type=int, default=2048, help="Demo model, bf16: 2,048.")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--profile-csv", type=Path, help="Also write the fitted lines as a profile CSV.")
+    parser.add_argument("--model-name", default="demo_model")
+    parser.add_argument("--hardware", default="cpu-live")
+    args = parser.parse_args(argv)
+    try:
+        cal = calibrate(read_requests(args.probes), args.design, args.budget,
+                        read_requests(args.replay) if args.replay else None, args.shape_profile,
+                        args.kv_bytes_per_token)
+    except PlannerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cal.save(args.output)
+    if args.profile_csv:
+        write_profile_csv(args.profile_csv, cal.profile_rows(args.model_name, args.hardware))
+    print(f"{args.design}: decode step {cal.decode_base_s * 1000:.2f} ms + {cal.decode_per_request_s * 1000:.3f} ms "
+          f"per extra request + {cal.decode_per_context_s * 1e6:.3f} us per context token; prefill "
+          f"{cal.prefill_per_token_s * 1e6:.1f} us per token + {cal.decode_base_s * 1000:.2f} ms per step; dispatch "
+          f"{cal.dispatch_s * 1000:.1f} ms; handoff {cal.handoff_s * 1000:.1f} ms -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
