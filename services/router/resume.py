@@ -279,11 +279,12 @@ class ResumableStream:
             await self._close_upstream()  # the engine did not see it: it would go on
         if not (delta.token_ids or text or end is not None or delta.handoff_s is not None):
             return None
-        changes: dict[str, Any] = {"text": text, "finish_reason": finish, "stop_reason": reason,
-                                   "request_finished": self.finished}
+        # In place (no copy per token): each delta is this stream's alone once its client queued it.
+        delta.text, delta.finish_reason, delta.stop_reason = text, finish, reason
+        delta.request_finished = self.finished
         if self._seams:
-            changes["num_prompt_tokens"] = len(self.request.prompt_token_ids)
-        return dataclasses.replace(delta, **changes)
+            delta.num_prompt_tokens = len(self.request.prompt_token_ids)
+        return delta
 
     def _stop_across_seam(self, start: int) -> tuple[str, int] | None:
         """A stop string starting before the last seam and complete now: (it, the text's new end)."""
