@@ -60,12 +60,14 @@ from pdserve.planner.links import SharedLinks
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.prefix_cache import PrefixCacheModel, Sessions
 from pdserve.planner.sim_config import LinkConfig, ServingOverheads, SimConfig  # noqa: F401 - re-exported
+from pdserve.planner.sim_router import RouterView, model_of
 from pdserve.planner.trace import Trace
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot, Placement, RequestInfo
+from pdserve.shared.slo import RequestSlo
 from pdserve.shared.roles import Role
 
-_ARRIVE, _ITER_END, _KV_READY, _LINK, _ENQUEUE = 0, 1, 2, 3, 4
+_ARRIVE, _ITER_END, _KV_READY, _LINK, _ENQUEUE, _POLL = 0, 1, 2, 3, 4, 5
 _EPS = 1e-9
 
 
@@ -171,16 +173,25 @@ class Simulator:
         self.links = SharedLinks(self.cfg.link.bandwidth_gbps * 1e9)
         self._snaps: list = [None] * len(self.inst)
         self._dirty: set[int] = set(range(len(self.inst)))
+        # a policy on a latency model (slo_aware) reads the router's ledger and learns from what it sees
+        self.view = RouterView(policy, [s.instance_id for s in instances]) if model_of(policy) else None
+        self._polling = False
 
     # ---- event plumbing
     def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
         self.seq += 1
         heapq.heappush(self.events, (t, self.seq, kind, a, b))
 
-    def run(self, trace: Trace, sessions: Sessions | None = None) -> SimResult:
-        """Simulate the trace; with `sessions`, every instance has a prefix cache (`prefix_cache`)."""
+    def run(self, trace: Trace, sessions: Sessions | None = None,
+            slos: RequestSlo | list[RequestSlo | None] | None = None) -> SimResult:
+        """Simulate the trace; with `sessions`, every instance has a prefix cache (`prefix_cache`).
+
+        `slos`: each request's SLO as a client sends it (one for all, or one per request; None:
+        the policy's defaults).
+        """
         wall0 = time.perf_counter()
         n = len(trace)
+        self.slos = slos if isinstance(slos, list) else [slos] * n
         self.arrival, self.prompt, self.output = trace.arrival, trace.prompt.tolist(), trace.output.tolist()
         self.cache = PrefixCacheModel([i.spec.kv_tokens for i in self.inst]) if sessions is not None else None
         self.session = sessions.session.tolist() if sessions is not None else [-1] * n
@@ -211,6 +222,8 @@ class Simulator:
                 self._kv_ready(a, b, now)
             elif kind == _ENQUEUE:
                 self._enqueue(a, now)
+            elif kind == _POLL:
+                self._poll(now)
             elif a == self.links.version:  # _LINK; a stale one (rates changed since) is ignored
                 self._link_done(now)
         for r in self.admission:
@@ -234,10 +247,29 @@ class Simulator:
                 outstanding_prefill_tokens=i.pending_prefill_tokens, kv_blocks_total=i.kv_blocks_total,
                 kv_blocks_free=max(i.kv_free - i.kv_wait_blocks, 0), block_size=self.cfg.block_size, hardware=i.spec.hardware)
         dirty.clear()
+        if self.view is not None:
+            return ClusterSnapshot(tuple(self._router_view(k, s, now) for k, s in enumerate(snaps)), now)
         return ClusterSnapshot(tuple(snaps), now)
 
-    def _decide(self, r: int, now: float):
-        info = RequestInfo(str(r), self.prompt[r], self.output[r], float(self.arrival[r]))
+    def _router_view(self, k: int, base: InstanceSnapshot, now: float) -> InstanceSnapshot:
+        """The router's figures for instance `k`, its decoding tickets' tokens brought up to date first."""
+        inst = self.inst[k]
+        done = inst.steps
+        if inst.busy and inst.kind == 2:
+            done += math.floor((now - inst.start) / inst.step_time + _EPS)
+        for _, r in inst.finish_heap:
+            self.view.progress(r, max(1 + done - self.join_step[r] - self._extra_step(r), 1), now)
+        return self.view.snapshot(base, now)
+
+    def _extra_step(self, r: int) -> int:
+        p, d = self.placement[r]
+        return int(p != d and self.cfg.overheads.decode_first_step)
+
+    def _info(self, r: int) -> RequestInfo:
+        return RequestInfo(str(r), self.prompt[r], self.output[r], float(self.arrival[r]), self.slos[r])
+
+    def _decide(self, r: int, now: float, info: RequestInfo | None = None):
+        info = info or self._info(r)
         snapshot = self._snapshot(now)
         if self.cache is not None and self.session[r] >= 0:
             # The request's own prefix hits, per instance: what the live controller's index puts there.
@@ -253,6 +285,9 @@ class Simulator:
             self._drain_admission(now)
 
     def _drain_admission(self, now: float) -> None:
+        if self.view is not None:
+            self._drain_slo(now)
+            return
         timeout = self.cfg.admission_timeout_s
         while self.admission:
             r = self.admission[0]
@@ -269,6 +304,35 @@ class Simulator:
                 self._reject(r, decision.reason)
             else:
                 return  # FIFO: the head waits for capacity, and so does everyone behind it
+
+    def _drain_slo(self, now: float) -> None:
+        """The admission queue in front of an SLO-aware policy (`sim_router`): deadlines, TTFT budgets."""
+        view = self.view
+        while self.admission:
+            r = self.admission[0]
+            info = self._info(r)
+            if now > view.deadline(info):
+                self.admission.popleft()
+                self._reject(r, "queue_deadline: no placement met the SLO before the request's deadline")
+                continue
+            decision = self._decide(r, now, view.retry_info(info, now))
+            if isinstance(decision, Placement):
+                self.admission.popleft()
+                view.placed(r, info, decision, now)
+                self._dispatch(r, decision, now)
+            elif not view.may_wait(decision):
+                self.admission.popleft()
+                self._reject(r, decision.reason)
+            else:
+                if not self._polling:  # the live queue also retries at every stats poll
+                    self._polling = True
+                    self._push(now + view.poll_s, _POLL, 0)
+                return
+
+    def _poll(self, now: float) -> None:
+        self._polling = False
+        if self.admission:
+            self._drain_admission(now)
 
     def _reject(self, r: int, reason: str) -> None:
         self.reasons[r] = reason
@@ -325,6 +389,8 @@ class Simulator:
         return inst.end
 
     def _enqueue(self, r: int, now: float) -> None:
+        if self.view is not None:
+            self.view.started(r)
         pre = self.inst[self.placement[r][0]]
         pre.prefill_queue.append(r)
         self._dirty.add(pre.pos)
@@ -350,19 +416,23 @@ class Simulator:
     def _start_iteration(self, inst: _Instance, now: float) -> None:
         cap = self.cfg.max_batch_size
         while inst.joins and len(inst.finish_heap) < cap:
-            self._join(inst, inst.joins.popleft())
+            self._join(inst, inst.joins.popleft(), now)
         self._dirty.add(inst.pos)
         running = len(inst.finish_heap)
         if inst.prefill_queue and (not self.cfg.chunked_prefill or running < self.cfg.max_prefill_tokens):
             tokens = self._take_prefill(inst, running, now)
             duration = inst.spec.perf.prefill_time(tokens + running)
             inst.kind, inst.batch_tokens, inst.rides_along = 1, tokens, running > 0
+            if self.view is not None:  # the batch riding along sees the prefill as one long gap
+                self.view.gaps(inst.spec.instance_id, running, inst.ctx_base + running * inst.steps, duration, running)
         elif running:
             ctx = inst.ctx_base + running * inst.steps
             inst.step_time = inst.spec.perf.decode_step_time(running, ctx)
             inst.planned_steps = inst.finish_heap[0][0] - inst.steps
             inst.kind = 2
             duration = inst.planned_steps * inst.step_time
+            if self.view is not None:
+                self.view.gaps(inst.spec.instance_id, running, ctx, inst.step_time, running * inst.planned_steps)
         else:
             inst.busy = False
             return
@@ -397,13 +467,17 @@ class Simulator:
         inst.batch, inst.takes = batch, takes
         return tokens
 
-    def _join(self, inst: _Instance, r: int) -> None:
+    def _join(self, inst: _Instance, r: int, now: float) -> None:
         self.join_step[r] = inst.steps
         inst.ctx_base += self.prompt[r] + 1 - inst.steps
-        p, d = self.placement[r]
         # handed off: D's first step only recomputes the prompt's last token and re-samples P's token
-        steps = self.output[r] if p != d and self.cfg.overheads.decode_first_step else self.output[r] - 1
-        heapq.heappush(inst.finish_heap, (inst.steps + steps, r))
+        extra = self._extra_step(r)
+        heapq.heappush(inst.finish_heap, (inst.steps + self.output[r] - 1 + extra, r))
+        if self.view is not None and self.placement[r][0] != self.placement[r][1]:
+            # the live router's first gap: P's token to D's first new one, after D's first step(s)
+            step = inst.spec.perf.decode_step_time(len(inst.finish_heap), inst.ctx_base + len(inst.finish_heap)
+                                                   * inst.steps)
+            self.view.first_gap(r, now + (1 + extra) * step - self.first_token[r])
 
     def _iteration_end(self, inst: _Instance, version: int, now: float) -> None:
         if version != inst.version:
@@ -430,11 +504,16 @@ class Simulator:
             inst.steps += inst.planned_steps
             self._finish_decoders(inst, now)
         inst.busy = False
+        prefilled = inst.kind == 1
         self._start_iteration(inst, now)
+        if prefilled and self.view is not None and self.admission:
+            self._drain_admission(now)  # a prefill ended: the load changed
 
     def _prefilled(self, inst: _Instance, r: int, now: float, started: float) -> None:
         self.first_token[r] = now
         self._dirty.add(inst.pos)
+        if self.view is not None:
+            self.view.first_token(r, now)
         p, d = self.placement[r]
         if self.cache is not None:  # both now hold the prompt (D once the KV lands; close enough)
             for k in {p, d}:
@@ -489,6 +568,8 @@ class Simulator:
 
     def _finish(self, r: int, now: float) -> None:
         self.finish[r] = now
+        if self.view is not None:
+            self.view.finished(r)
         p, d = self.placement[r]
         dec = self.inst[d]
         dec.kv_free += self._blocks(r)

@@ -118,3 +118,46 @@ def test_chunked_runs_conserve_everything(chunked):
     for i in sim.inst:
         assert i.kv_free == i.kv_blocks_total and i.outstanding == 0 and i.pending_prefill_tokens == 0
         assert not i.prefill_queue and not i.finish_heap and not i.joins
+
+
+def test_slo_aware_policy_reads_the_router_ledger_and_learns_in_the_simulator():
+    # SLO 1 s TTFT, 0.5 s TPOT. r0 (50 tokens) is placed P->D: TTFT 0.5. r1 (80) at 0.01: P's queue
+    # would give it 1.3 s, so Splitwise's fallback has D prefill it itself (0.01-0.81, TTFT 0.8).
+    # r2 (300) at 0.02: 3.5 s predicted on P, D has no room in its TTFT either: refused at once
+    # (ttft_unmet is not a reason waiting cures). r0's KV waits for D's prefill: joins at 0.81.
+    from pdserve.router.latency_model import LatencyModel
+    from pdserve.router.slo_policy import SloAware
+    from pdserve.shared.slo import Priority, RequestSlo
+    from pdserve.shared.slo_config import SloRoutingConfig
+
+    model = LatencyModel(LINEAR, kv_bytes_per_token=1, bandwidth_bps=1e12, handoff_latency_s=0.0)
+    sim = Simulator(split(), SloAware(SloRoutingConfig(), model), SimConfig(chunked_prefill=True, link=NO_TRANSFER))
+    res = sim.run(trace([0.0, 0.01, 0.02], [50, 80, 300], [5, 5, 5]), slos=RequestSlo(1.0, 0.5, Priority.INTERACTIVE))
+    np.testing.assert_allclose(res.first_token[:2], [0.5, 0.81])
+    assert res.colocated[:2].tolist() == [False, True]
+    assert res.reject_reason[:2] == [None, None] and "ttft_unmet" in res.reject_reason[2]
+    assert np.isnan(res.finish[2])
+    # what the live controller observes, observed: TTFTs, decode gaps, and r0's first gap (0.81 + 0.1 - 0.5)
+    assert {("p0", "prefill"), ("d0", "prefill"), ("d0", "decode"), ("d0", "handoff")} <= set(model.fits)
+    assert model.fits[("d0", "handoff")].sy == pytest.approx(0.41, abs=1e-6)
+    assert all(not tickets for tickets in sim.view.ledger._tickets.values())  # every ticket closed
+
+
+def test_slo_aware_refusals_that_capacity_cures_wait_until_their_deadline():
+    # one mixed instance with KV for one request at a time: r1 waits (no KV room, queueable) until r0
+    # frees its blocks at 1.0 -> placed then, within its 5 s TTFT; r2 with a 0.5 s TTFT target waits
+    # until its deadline (arrival + 0.5 s) and is refused then.
+    from pdserve.router.latency_model import LatencyModel
+    from pdserve.router.slo_policy import SloAware
+    from pdserve.shared.slo import Priority, RequestSlo
+    from pdserve.shared.slo_config import SloRoutingConfig
+
+    model = LatencyModel(LINEAR, kv_bytes_per_token=1, bandwidth_bps=1e12, handoff_latency_s=0.0)
+    instances = [InstanceSpec("m0", Role.MIXED, "x", LINEAR, 64)]
+    sim = Simulator(instances, SloAware(SloRoutingConfig(), model), SimConfig(chunked_prefill=True, link=NO_TRANSFER))
+    slo, short = RequestSlo(5.0, 1.0, Priority.INTERACTIVE), RequestSlo(0.5, 1.0, Priority.INTERACTIVE)
+    res = sim.run(trace([0.0, 0.1, 0.2], [40, 40, 40], [6, 6, 6]), slos=[slo, slo, short])
+    np.testing.assert_allclose(res.finish[0], 0.4 + 0.5)  # prefill 0.4, 5 steps
+    assert res.reject_reason[0] is None and res.reject_reason[1] is None
+    assert res.first_token[1] == pytest.approx(0.9 + 0.4)
+    assert "deadline" in res.reject_reason[2]
