@@ -28,27 +28,40 @@ from pdserve.planner.trace import Trace
 from pdserve.router.policy import PlacementPolicy
 from pdserve.router.registry import make_policy
 from pdserve.shared.roles import Role
+from pdserve.shared.slo import Priority, RequestSlo
 
 PERCENTILES = (50, 90, 99)
 
 
-def read_run(run_dir: Path) -> tuple[Trace, dict[str, np.ndarray]]:
-    """The successful requests of a bench run, as a trace plus their measured TTFT and TPOT (s)."""
+REJECTED = "http_429"  # loadgen's error kind for an admission-control refusal
+
+
+def read_run(run_dir: Path, rejected: bool = False) -> tuple[Trace, dict[str, np.ndarray]]:
+    """The successful requests of a bench run, as a trace plus their measured TTFT and TPOT (s).
+
+    `rejected`: also the requests admission control refused (429), with their max_tokens as
+    output (what they asked for); `measured["ok"]` tells them apart, `measured["met_slo"]` is
+    bench's per-request verdict.
+    """
     path = run_dir / "requests.csv"
     try:
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["success"] == "1"]
+            rows = [r for r in csv.DictReader(f)
+                    if r["success"] == "1" or (rejected and r.get("error_kind") == REJECTED)]
     except OSError as exc:
         raise TraceError(f"cannot read {path}: {exc}") from None
     if not rows:
         raise TraceError(f"{path}: no successful requests")
     rows.sort(key=lambda r: float(r["start_s"]))
     start = np.array([float(r["start_s"]) for r in rows])
+    ok = np.array([r["success"] == "1" for r in rows])
     trace = Trace(run_dir.name, start - start[0], np.array([int(r["prompt_tokens"]) for r in rows]),
-                  np.array([max(int(r["output_tokens"]), 1) for r in rows]))
+                  np.array([max(int(r["output_tokens"] if r["success"] == "1" else r["max_tokens"]), 1)
+                            for r in rows]))
     measured = {
-        "ttft": np.array([float(r["ttft_ms"]) / 1000 for r in rows]),
+        "ttft": np.array([float(r["ttft_ms"]) / 1000 if r["ttft_ms"] else np.nan for r in rows]),
         "tpot": np.array([float(r["tpot_ms"]) / 1000 if r["tpot_ms"] else np.nan for r in rows]),
+        "ok": ok, "met_slo": np.array([r.get("met_slo") in ("1", "True", "true") for r in rows]),
     }
     return trace, measured
 
@@ -65,12 +78,14 @@ def parse_pools(text: str) -> dict[Role, int]:
 
 
 def compare(run_dir: Path, profiles: ProfileSet | PerfModel, model: str, hardware: str, pools: dict[Role, int],
-            kv_tokens: int, policy: str | PlacementPolicy, config: SimConfig) -> dict:
-    trace, measured = read_run(run_dir)
+            kv_tokens: int, policy: str | PlacementPolicy, config: SimConfig, slo: RequestSlo | None = None) -> dict:
+    """Measured vs simulated percentiles; with `slo` (sent with every request, as `bench --slo-send`)
+    the refused requests are replayed too, and goodput (requests within both targets) is compared."""
+    trace, measured = read_run(run_dir, rejected=slo is not None)
     perf = profiles if isinstance(profiles, PerfModel) else profiles.get(model, hardware)
     instances = [InstanceSpec(f"{role.value}-{i}", role, hardware, perf, kv_tokens)
                  for role, n in pools.items() for i in range(n)]
-    res = Simulator(instances, make_policy(policy) if isinstance(policy, str) else policy, config).run(trace)
+    res = Simulator(instances, make_policy(policy) if isinstance(policy, str) else policy, config).run(trace, slos=slo)
     simulated = {"ttft": res.ttft, "tpot": res.tpot}
     table = {}
     for metric in ("ttft", "tpot"):
@@ -79,8 +94,31 @@ def compare(run_dir: Path, profiles: ProfileSet | PerfModel, model: str, hardwar
             s = float(np.nanpercentile(simulated[metric], p))
             table[f"{metric}_p{p}"] = {"measured_ms": m * 1000, "simulated_ms": s * 1000,
                                        "error": (s - m) / m if m else None}
-    return {"run": str(run_dir), "requests": len(trace), "rate_rps": trace.rate, "rejected": res.num_rejected,
-            "percentiles": table}
+    out = {"run": str(run_dir), "requests": len(trace), "rate_rps": trace.rate, "rejected": res.num_rejected,
+           "percentiles": table}
+    if slo is not None:
+        out["goodput"] = goodput_table(run_dir, measured, res, slo)
+    return out
+
+
+def goodput_table(run_dir: Path, measured: dict, res, slo: RequestSlo) -> dict:
+    """Requests within both targets, admitted and refused, live vs simulated (goodput over the live run's duration)."""
+    with np.errstate(invalid="ignore"):
+        sim_good = res.finished & (res.ttft <= slo.ttft_s) & (np.nan_to_num(res.tpot, nan=0.0) <= slo.tpot_s)
+        live_good = measured["ok"] & (measured["ttft"] <= slo.ttft_s) & (np.nan_to_num(measured["tpot"], nan=0.0)
+                                                                          <= slo.tpot_s)
+    try:
+        duration = float(json.loads((run_dir / "result.json").read_text())["duration"])
+    except (OSError, ValueError, KeyError):
+        duration = float(np.nanmax(res.finish)) if res.finished.any() else 1.0
+    rows = {"good": (int(live_good.sum()), int(sim_good.sum())),
+            "admitted": (int(measured["ok"].sum()), int(res.finished.sum())),
+            "rejected": (int((~measured["ok"]).sum()), int(res.num_rejected))}
+    out = {k: {"measured": m, "simulated": s, "error": (s - m) / m if m else None} for k, (m, s) in rows.items()}
+    out["goodput_rps"] = {"measured": rows["good"][0] / duration, "simulated": rows["good"][1] / duration,
+                          "error": out["good"]["error"]}
+    out["duration_s"] = duration
+    return out
 
 
 def calibrated_config(cal: Calibration, **changes) -> SimConfig:
@@ -108,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="least_loaded", help="The router policy the server used.")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192, help="vLLM's max_num_batched_tokens.")
     parser.add_argument("--decode-model", default="physical", choices=DECODE_MODELS)
+    parser.add_argument("--slo-ttft-ms", type=float, help="With --slo-tpot-ms: the SLO the run sent with every "
+                                                           "request (`bench --slo-send`); compares goodput too.")
+    parser.add_argument("--slo-tpot-ms", type=float)
     parser.add_argument("--json", type=Path, help="Also write the comparison here.")
     args = parser.parse_args(argv)
     try:
@@ -122,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             pools = parse_pools(args.pools or "mixed=1")
         else:
             raise SpecError("give --profile or --calibration")
-        out = compare(args.run_dir, perf, args.model, args.hardware, pools, args.kv_tokens, args.policy, cfg)
+        slo = RequestSlo(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, Priority.INTERACTIVE) \
+            if args.slo_ttft_ms and args.slo_tpot_ms else None
+        out = compare(args.run_dir, perf, args.model, args.hardware, pools, args.kv_tokens, args.policy, cfg, slo)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, row in out["percentiles"].items():
         err = "" if row["error"] is None else f"{row['error']:+.0%}"
         print(f"{key:<10}{row['measured_ms']:>14.1f}{row['simulated_ms']:>14.1f}{err:>9}")
+    if "goodput" in out:
+        g = out["goodput"]
+        print(f"{'requests':<10}{'measured':>14}{'simulated':>14}{'error':>9}")
+        for key in ("good", "admitted", "rejected", "goodput_rps"):
+            row = g[key]
+            err = "" if row["error"] is None else f"{row['error']:+.0%}"
+            print(f"{key:<12}{row['measured']:>12.3g}{row['simulated']:>14.3g}{err:>9}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -50,3 +50,31 @@ def test_pools_and_cli(tmp_path, capsys):
     with pytest.raises(SpecError):
         parse_pools("gpu=3")
     assert main([str(tmp_path / "missing"), "--profile", "x.csv", "--model", "toy"]) == 2
+
+
+def test_slo_replay_brings_back_the_refused_requests_and_compares_goodput(tmp_path, capsys):
+    from pdserve.shared.slo import Priority, RequestSlo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cols = COLS + ("error_kind",)
+    with open(run / "requests.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerow(dict(index=0, start_s=0.0, prompt_tokens=50, max_tokens=11, output_tokens=11, success=1,
+                        ttft_ms=100, tpot_ms=10, error_kind=""))
+        w.writerow(dict(index=1, start_s=0.05, prompt_tokens=50, max_tokens=11, output_tokens=0, success=0,
+                        ttft_ms="", tpot_ms="", error_kind="http_429"))
+        w.writerow(dict(index=2, start_s=0.06, prompt_tokens=50, max_tokens=11, output_tokens=0, success=0,
+                        ttft_ms="", tpot_ms="", error_kind="timeout"))  # not a refusal: left out
+    (run / "result.json").write_text('{"duration": 2.0}')
+    slo = RequestSlo(0.15, 0.05, Priority.INTERACTIVE)
+    out = compare(run, toy_profile(), "toy", "cpu", {Role.MIXED: 1}, 10_000, "least_loaded", SimConfig(), slo)
+    g = out["goodput"]
+    assert out["requests"] == 2
+    assert g["admitted"]["measured"] == 1 and g["rejected"]["measured"] == 1
+    # simulated: both admitted (least_loaded never refuses); r0 in SLO, r1 queued behind r0's prefill
+    # (TTFT 0.15 s, on the target) and its decode batched with r0's
+    assert g["admitted"]["simulated"] == 2 and g["good"]["measured"] == 1
+    assert g["goodput_rps"]["measured"] == pytest.approx(0.5)
+    assert g["goodput_rps"]["simulated"] == pytest.approx(g["good"]["simulated"] / 2.0)
