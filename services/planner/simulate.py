@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("ttft", "tpot", "e2el"):
         g.add_argument(f"--slo-{name}-ms", type=float, metavar="MS")
         g.add_argument(f"--slo-{name}-x", type=float, metavar="X")
+    g.add_argument("--slo-send", action="store_true", help="Every request carries its TTFT/TPOT targets, as "
+                                                           "`pdserve bench --slo-send` (read by --policy slo_aware).")
     add_slo_arguments(parser)
     add_model_arguments(parser)
     g = parser.add_argument_group("output")
@@ -165,7 +167,13 @@ def simulate_once(args, planner, design, spec, out_dir: Path, source) -> dict:
         from pdserve.planner.prefix_cache import as_conversations
 
         trace, sessions = as_conversations(trace, args.turns)
-    res = Simulator(planner.instances(design), planner.policy_factory(), planner.cfg).run(trace, sessions)
+    thresholds = resolve_slos(config, unloaded)
+    slos = None
+    if args.slo_send and thresholds is not None and thresholds.ttft_s and thresholds.tpot_s:
+        from pdserve.shared.slo import Priority, RequestSlo
+
+        slos = RequestSlo(thresholds.ttft_s, thresholds.tpot_s, Priority.INTERACTIVE)
+    res = Simulator(planner.instances(design), planner.policy_factory(), planner.cfg).run(trace, sessions, slos)
     check = planner.checker.check(res)
     extra = {"simulated": True, "design": design.label(), "policy": args.policy, "decode_model": args.decode_model,
              "lengths_resampled": resampled, "simulation_wall_s": round(res.wall_s, 3), "simulation_events": res.events,
@@ -173,7 +181,7 @@ def simulate_once(args, planner, design, spec, out_dir: Path, source) -> dict:
              "sim_config": planner.cfg.model_dump(), "turns": args.turns,
              "prefill_tokens_computed": int(res.prefill_computed.sum()), "prompt_tokens": int(res.prompt.sum()),
              "kv_sent_tokens": int(res.kv_sent_tokens.sum())}
-    result = sim_results.run_result(res, config, resolve_slos(config, unloaded), unloaded, extra)
+    result = sim_results.run_result(res, config, thresholds, unloaded, extra)
     return sim_results.write(result, out_dir)
 
 

@@ -142,3 +142,19 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     assert "give one design" in capsys.readouterr().err
     assert main(base + ["--pools", "h100:2", "--policy", "nope"]) == 2
     assert "unknown routing policy" in capsys.readouterr().err
+
+
+def test_cli_slo_aware_with_sent_slos_refuses_what_it_cannot_serve(tmp_path, capsys):
+    # 12 req/s of 200-token prompts on one 1+1 pair whose prefill takes 0.1 s: with a 250 ms TTFT
+    # target sent with every request, slo_aware refuses some; with the config's default (2 s) fewer
+    machine = "cpu:profile_hardware=cpu,tensor_parallel=1,cost_per_hour=1,power_kw=0.2,memory_gb=10"
+    base = ["simulate", "--pools", "cpu/cpu:1+1", "--input-len", "200", "--output-len", "20", "--rate", "12",
+            "--duration", "20", "--profile", str(_toy_profile(tmp_path)), "--model", "toy", "--weight-gb", "1",
+            "--kv-bytes-per-token", "1000", "--machine", machine, "--slo-reference", "cpu", "--no-charts",
+            "--arrival", "poisson", "--policy", "slo_aware", "--slo-ttft-ms", "250", "--slo-tpot-ms", "1000"]
+    assert main(base + ["--output-dir", str(tmp_path / "sent"), "--slo-send"]) == 0
+    assert main(base + ["--output-dir", str(tmp_path / "unsent")]) == 0
+    sent = json.loads((tmp_path / "sent" / "result.json").read_text())
+    unsent = json.loads((tmp_path / "unsent" / "result.json").read_text())
+    assert sent["failed"] > 0 and sent["completed"] > 0
+    assert unsent["failed"] < sent["failed"]
