@@ -29,6 +29,9 @@ def _init_ray(config: ServeConfig) -> None:
     if config.ray.address is None:
         # A local cluster we own: no auth tokens (nothing outside this machine can reach it).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray starts workers at niceness 15: an engine would lose its core to the gateway, Ray's own
+        # daemons or any other process there, and serve slower than vLLM's own server.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         needed, custom = _local_needs(config)
         num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(needed + 0.999))
         # The pools' custom resources exist on a local cluster by fiat: a Splitwise YAML made for a
@@ -129,12 +132,16 @@ def serve(config: ServeConfig) -> int:
     from pdserve.router.controller import Router
     from pdserve.router.scaling import Scaler
     from pdserve.shared.metrics import Metrics
-    from pdserve.worker.pool import start_pools, stop_pools
+    from pdserve.worker.placement import pin_launcher
+    from pdserve.worker.pool import plan_for, start_pools, stop_pools
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
     pools = None
     stack = contextlib.ExitStack()
     try:
+        cores = _cores_to_bind(config)
+        plan = plan_for(config.pools, cores) if cores else None
+        pin_launcher(plan)  # before Ray starts: its daemons and workers inherit the front end's cores
         _init_ray(config)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own handler
         logger.info("starting %d engine instance(s) of %s", config.pools.total, config.engine.model)
@@ -146,7 +153,7 @@ def serve(config: ServeConfig) -> int:
             stack.callback(inbox.close)
         prefix = _prefix_tracker(config)
         pools = start_pools(_engine_for_routing(config), config.pools, namespace_prefix=config.ray.namespace,
-                            kv=config.kv_transfer, cores=_cores_to_bind(config))
+                            kv=config.kv_transfer, cores=cores, plan=plan)
         check_pools_agree([c.info for c in pools.clients])
         info = pools.clients[0].info
         model = ServedModel.load(config.engine.model_name, config.engine.tokenizer or config.engine.model,

@@ -107,9 +107,42 @@ class Generation:
         if not self._placements:
             await self.place()
         self.life.mark_dispatched()
+        outcome = Outcome.ERROR
+        try:
+            # One prompt (nearly every request): its stream directly, no task and queue hop per delta.
+            merged = self._single() if len(self._placements) == 1 else self._merged()
+            async with contextlib.aclosing(merged) as stream:
+                async for prompt_index, item in stream:
+                    self._record(item)
+                    self._record_cached(prompt_index, item)
+                    ticket = self._placements[prompt_index].ticket
+                    if ticket is not None and item.token_ids:
+                        # the first token ends the prompt's prefill: it stops counting in P's queue
+                        self.router.tokens(ticket, len(item.token_ids))
+                    yield prompt_index * self.n + item.index, item
+            outcome = Outcome.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = Outcome.ABORTED
+            raise
+        finally:
+            self.life.finish(outcome)
+            self.metrics.observe_request(self.life, self.finish_reasons)
+            if self.slo_metrics is not None:
+                self.slo_metrics.observe_request(self.slo, self.life)
+
+    async def _single(self) -> AsyncIterator[tuple[int, OutputDelta]]:
+        route, prompt = self._placements[0], self.prompts[0]
+        request = EngineRequest(f"{self.request_id}-0", prompt, self.sampling_params)
+        with self.router.track(route, len(prompt)):
+            # Closing this closes the engine stream, which aborts the engine request (shielded there).
+            async with contextlib.aclosing(self.router.stream(route, request)) as stream:
+                async for delta in stream:
+                    yield 0, delta
+
+    async def _merged(self) -> AsyncIterator[tuple[int, OutputDelta]]:
+        """Several prompts: every engine stream drained by a task of its own into one queue."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._run_one(i, route, queue)) for i, route in enumerate(self._placements)]
-        outcome = Outcome.ERROR
         try:
             remaining = len(tasks)
             while remaining:
@@ -119,27 +152,13 @@ class Generation:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                self._record(item)
-                self._record_cached(prompt_index, item)
-                ticket = self._placements[prompt_index].ticket
-                if ticket is not None and item.token_ids:
-                    # the first token ends the prompt's prefill: it stops counting in P's queue
-                    self.router.tokens(ticket, len(item.token_ids))
-                yield prompt_index * self.n + item.index, item
-            outcome = Outcome.OK
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = Outcome.ABORTED
-            raise
+                yield prompt_index, item
         finally:
             for task in tasks:
                 task.cancel()
             # Wait for the aborts to reach the engines (shielded inside the clients).
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
-            self.life.finish(outcome)
-            self.metrics.observe_request(self.life, self.finish_reasons)
-            if self.slo_metrics is not None:
-                self.slo_metrics.observe_request(self.slo, self.life)
 
     async def _run_one(self, prompt_index: int, route: Route, queue: asyncio.Queue) -> None:
         prompt = self.prompts[prompt_index]

@@ -6,7 +6,10 @@ Lifecycle of one request through a client:
   in the engine, so its KV blocks are freed; nobody else has to remember to.
 
 `RayEngineClient` reads the worker's single batched output stream in one pump
-task and hands each delta to the queue of the request it belongs to.
+task and hands each delta to the queue of the request it belongs to. The
+stream is the worker's direct channel (`pdserve.worker.channel`: one socket,
+a frame per engine step), or Ray's streaming call where the channel cannot
+be opened.
 `pdserve.worker.fake_engine.FakeEngineClient` implements the same interface
 in-process for tests.
 """
@@ -22,6 +25,7 @@ from typing import Any, AsyncIterator, Callable
 from pdserve.shared.errors import EngineDeadError, EngineError, InvalidRequestError
 from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta
 from pdserve.shared.roles import InstanceState
+from pdserve.worker.channel import CONNECT_TIMEOUT_S, ChannelClosed, ChannelRefused, read_batches
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ def delta_error(delta: OutputDelta) -> EngineError | InvalidRequestError:
 
 
 _END = object()  # queue sentinel: the instance died
+MAX_EMPTY_REOPENS = 3  # a channel that closes this many times in a row with nothing read is broken for good
 
 
 class RayEngineClient(EngineClient):
@@ -85,6 +90,7 @@ class RayEngineClient(EngineClient):
         self._queues: dict[str, asyncio.Queue] = {}
         self._pump: asyncio.Task | None = None
         self._dead: str | None = None
+        self.channel_reconnects = 0  # the output channel broke and was opened again (the actor lived)
 
     def _ensure_pump(self) -> None:
         if self._pump is None:
@@ -92,8 +98,8 @@ class RayEngineClient(EngineClient):
 
     async def _run_pump(self) -> None:
         try:
-            async for ref in self.actor.outputs.remote():
-                for delta in await ref:
+            async for batch in self._batches():
+                for delta in batch:
                     queue = self._queues.get(delta.request_id)
                     if queue is not None:  # else: aborted and forgotten already
                         queue.put_nowait(delta)
@@ -104,6 +110,37 @@ class RayEngineClient(EngineClient):
             logger.error(self._dead)
         for queue in self._queues.values():
             queue.put_nowait(_END)
+
+    async def _batches(self) -> AsyncIterator[list[OutputDelta]]:
+        """The worker's output batches: over its direct channel, or Ray's streaming call where it has none.
+
+        The channel ending while the actor still answers is a broken connection, not a death: it is
+        opened again. An actor that does not answer is dead (the caller's error path).
+        """
+        empty_reopens = 0
+        while True:
+            address = None
+            with contextlib.suppress(Exception):  # no channel (an older worker) or no answer: Ray streaming
+                address = await asyncio.wait_for(self.actor.output_channel.remote(), CONNECT_TIMEOUT_S)
+            if address is None:
+                break
+            try:
+                async for batch in read_batches(address):
+                    empty_reopens = 0
+                    yield batch
+            except ChannelRefused as exc:
+                logger.warning("instance %s: %s; its outputs come through Ray instead", self.instance_id, exc)
+                break
+            except ChannelClosed:
+                await asyncio.wait_for(self.actor.info.remote(), CONNECT_TIMEOUT_S)  # raises if the actor died
+                empty_reopens += 1
+                if empty_reopens > MAX_EMPTY_REOPENS:
+                    raise
+                self.channel_reconnects += 1
+                logger.warning("instance %s: output channel closed while its actor lives; reopening",
+                               self.instance_id)
+        async for ref in self.actor.outputs.remote():
+            yield await ref
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[OutputDelta]:
         if self._dead:

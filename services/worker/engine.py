@@ -8,10 +8,12 @@ core dies, `stats()` says DEAD (every request on it has failed already, with
 `error_kind="dead"`) and the controller calls restart(): a new engine in the
 same actor, on the same output stream.
 
-Outputs of all requests leave the worker through one streaming call,
-`outputs()`, in batches: everything that arrived since the previous batch.
-A Ray item per token per request costs more than a decode step at GPU rates,
-so batching is what keeps the gateway out of the critical path.
+Outputs of all requests leave the worker in batches (everything that arrived
+since the previous batch: one per engine step, across requests) over a direct
+socket to the gateway, `output_channel()` (`worker.channel`), or Ray's
+streaming call `outputs()` where that cannot be opened. A Ray item per token
+per request costs more than a decode step at GPU rates, and even one per step
+costs a millisecond of CPU on each side: hence the batches and the channel.
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ class EngineWorker:
         self._stats = _SchedulerStatsHolder()
         self._tasks: dict[str, asyncio.Task] = {}
         self._outbox: asyncio.Queue[OutputDelta] | None = None
+        self._channel: Any = None  # worker.channel.OutputChannel, opened by the gateway's first read
         self._state = InstanceState.STARTING
         self._ping: asyncio.Task | None = None  # the health ping in flight to the engine core
         self._answered_at = 0.0  # monotonic: the engine core's last answer
@@ -227,7 +230,12 @@ class EngineWorker:
             # Fresh ports per start: a restarted engine's publisher starts its sequence again.
             events = pick_endpoints(node, self.kv.port_range if self.kv else None)
         args = build_engine_args(self.config, connector, events.vllm_config(self.instance_id) if events else None)
-        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
+        from pdserve.worker import placement
+
+        placement.restore_priority()  # the engine core and its worker inherit it
+        with placement.spawn_affinity():
+            self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
+        placement.pin_to_front()  # this actor's and the engine core's threads off the compute cores
         vllm_config = self._engine.vllm_config
         self._info = EngineInfo(
             instance_id=self.instance_id,
@@ -344,8 +352,19 @@ class EngineWorker:
             if task is not None:
                 task.cancel()
 
+    async def output_channel(self) -> Any:
+        """Where the gateway reads this instance's output batches directly (`worker.channel`), opened once."""
+        from pdserve.kv_transfer.ports import node_address
+        from pdserve.worker.channel import OutputChannel
+
+        if self._outbox is None:
+            raise RuntimeError(f"instance {self.instance_id} is not started")
+        if self._channel is None:
+            self._channel = OutputChannel(self._outbox, node_address())
+        return await self._channel.start()
+
     async def outputs(self) -> AsyncIterator[list[OutputDelta]]:
-        """Ray streaming generator: batches of deltas, for as long as the worker lives."""
+        """Ray streaming generator: batches of deltas, for as long as the worker lives (the channel's fallback)."""
         if self._outbox is None:
             raise RuntimeError(f"instance {self.instance_id} is not started")
         while True:

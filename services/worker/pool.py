@@ -23,6 +23,7 @@ from pdserve.shared.protocol import EngineInfo
 from pdserve.shared.roles import Role
 from pdserve.worker.client import RayEngineClient
 from pdserve.worker.engine import EngineWorker
+from pdserve.worker.placement import CorePlan, assign, format_cores, plan_cores
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +43,20 @@ def core_bindings(count: int, cores_each: int, available: list[int]) -> list[str
 
     With fewer cores than instances need, the lists wrap around and instances share (logged).
     """
-    if not available:
-        raise EngineError("no CPU cores to bind instances to")
-    cores_each = max(1, min(cores_each, len(available)))
-    if count * cores_each > len(available):
-        logger.warning("%d instance(s) x %d core(s) exceed the %d core(s) here: some instances share cores",
-                       count, cores_each, len(available))
-    out = []
-    for i in range(count):
-        cores = [available[(i * cores_each + k) % len(available)] for k in range(cores_each)]
-        out.append(",".join(str(c) for c in sorted(set(cores))))
-    return out
+    try:
+        return [format_cores(c) for c in assign([cores_each] * count, available)]
+    except ValueError as exc:
+        raise EngineError(str(exc)) from exc
+
+
+def cores_each(pools: PoolsConfig, role: Role) -> int:
+    """Cores an instance of `role` computes on: its pool's Ray CPUs, at least one."""
+    return max(1, int(pools.cpus_for(pool_of(pools, role))))
+
+
+def plan_for(pools: PoolsConfig, available: list[int]) -> CorePlan:
+    """Every start-up instance's compute cores and the front end's, from the pools' CPUs per instance."""
+    return plan_cores([(iid, cores_each(pools, role)) for iid, role in _instances(pools)], available)
 
 
 def pool_of(pools: PoolsConfig, role: Role) -> PoolConfig:
@@ -75,32 +79,39 @@ class RayInstanceFactory:
     """Makes, starts and stops instances as Ray actors: at start-up and later, when scaling."""
 
     def __init__(self, engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str = "pdserve",
-                 kv: KVTransferConfig | None = None, cores: list[int] | None = None) -> None:
+                 kv: KVTransferConfig | None = None, cores: list[int] | None = None,
+                 plan: CorePlan | None = None) -> None:
         import ray
 
         self.engine, self.pools, self.namespace_prefix, self.kv, self.cores = engine, pools, namespace_prefix, kv, cores
+        # With `cores` (CPU engines on this machine): every instance computes on cores of its own.
+        self.plan = plan if plan is not None else (plan_for(pools, cores) if cores else None)
         self._actor_cls = ray.remote(EngineWorker)
         self._generation = itertools.count(1)
         self._next_index = {role: pool_of(pools, role).instances for role in Role}
-        self._bindings: dict[str, str] = {}
         self.live: dict[str, RayEngineClient] = {}  # every instance started and not stopped
 
-    def bind_cores(self, instance_ids: list[str]) -> None:
-        if self.cores:
-            self._bindings.update(zip(instance_ids, core_bindings(len(instance_ids),
-                                                                  int(self.pools.cpus_per_instance), self.cores)))
+    def _bind_new(self, instance_id: str, role: Role) -> None:
+        """A scaled-up instance: cores no live instance computes on, the front end's only when none are left."""
+        if self.plan is None or not self.cores or instance_id in self.plan.engines:
+            return
+        taken = {c for iid, cores in self.plan.engines.items() if iid in self.live for c in cores}
+        spare = [c for c in self.cores if c not in self.plan.front] + list(self.plan.front)
+        self.plan.engines[instance_id] = assign([cores_each(self.pools, role)], spare, taken)[0]
 
     def make_actor(self, instance_id: str, role: Role) -> Any:
         if role is not Role.MIXED and self.kv is None:
             raise EngineError("prefill/decode instances need a KV transfer config")
-        binding = self._bindings.get(instance_id)
+        self._bind_new(instance_id, role)
+        env = self.plan.env(instance_id) if self.plan is not None else {}
         return self._actor_cls.options(
             # A respawned actor gets a new name: the dead one's may not be released yet.
             name=f"{self.namespace_prefix}-{instance_id}-{next(self._generation)}",
             **actor_options(self.pools, role),
             max_concurrency=1000,  # one long-lived outputs() stream plus control calls
-            # The engine core inherits the actor's environment: vLLM-CPU binds its threads as told.
-            runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": binding}} if binding else None,
+            # The engine core inherits the actor's environment: vLLM-CPU binds its threads as told
+            # (worker.placement moves the rest to the front end's cores).
+            runtime_env={"env_vars": env} if env else None,
         ).remote(instance_id, role, engine_for(self.engine, pool_of(self.pools, role)),
                  self.kv if role is not Role.MIXED else None)
 
@@ -147,19 +158,19 @@ class RayInstanceFactory:
 
 
 def start_pools(engine: EngineConfig, pools: PoolsConfig, namespace_prefix: str = "pdserve",
-                kv: KVTransferConfig | None = None, cores: list[int] | None = None) -> Pools:
+                kv: KVTransferConfig | None = None, cores: list[int] | None = None,
+                plan: CorePlan | None = None) -> Pools:
     """Create and start every instance; raises `EngineError` if any fails to start.
 
     Prefill and decode instances get pdserve's KV connector (`kv` is then
     required); mixed instances run plain vLLM.
     With `cores` (CPU engines on this machine), each instance binds its compute
-    threads to its own slice of them (`core_bindings`).
+    threads to its own slice of them (`plan`, else `plan_for`).
     """
     import ray
 
-    factory = RayInstanceFactory(engine, pools, namespace_prefix, kv, cores)
+    factory = RayInstanceFactory(engine, pools, namespace_prefix, kv, cores, plan)
     instances = _instances(pools)
-    factory.bind_cores([iid for iid, _ in instances])
     actors = [factory.make_actor(instance_id, role) for instance_id, role in instances]
     try:
         infos = ray.get([a.start.remote() for a in actors])

@@ -172,6 +172,26 @@ def test_client_disconnect_aborts_in_engine(server):
     assert any('outcome="aborted"' in line for line in outcomes), outcomes
 
 
+def test_engine_computes_on_cores_of_its_own_at_normal_priority(server):
+    """The mixed instance's model worker has its core; the gateway and the engine core's scheduler keep off it.
+
+    And nothing of the engine runs niced (Ray starts workers at niceness 15 unless told otherwise).
+    """
+    import os
+
+    import psutil
+
+    procs = [p for p in server.descendants() if p.status() != "zombie"]
+    workers = [p for p in procs if p.name().startswith("VLLM::Worker")]
+    cores = [p for p in procs if p.name().startswith("VLLM::EngineCore")]
+    assert len(workers) == 1 and len(cores) == 1, [p.name() for p in procs]
+    compute = set(workers[0].cpu_affinity())
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not compute & set(psutil.Process(server.proc.pid).cpu_affinity())  # the gateway's
+        assert not compute & set(cores[0].cpu_affinity())
+    assert workers[0].nice() == 0 and cores[0].nice() == 0
+
+
 def test_metrics_exposed(server):
     text = httpx.get(server.url + "/metrics").text
     for name in ("pdserve:time_to_first_token_seconds_count", "pdserve:time_per_output_token_seconds_count",

@@ -93,6 +93,18 @@ def test_streaming_first_token_from_prefill(server, reference):
     assert len(events) >= GEN_TOKENS  # a chunk per token: P's first, then D's
 
 
+def test_prefill_and_decode_engine_cores_disjoint_and_not_niced(server):
+    """P's and D's model workers (where their engine cores compute) never share a core; neither is niced."""
+    import os
+
+    workers = [p for p in server.descendants() if p.name().startswith("VLLM::Worker") and p.status() != "zombie"]
+    assert len(workers) == 2, [p.name() for p in server.descendants()]
+    first, second = (set(p.cpu_affinity()) for p in workers)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not first & second, (first, second)
+    assert [p.nice() for p in workers] == [0, 0]
+
+
 def test_disconnects_free_blocks_on_both_sides(server):
     for n in (300, 1000, 1500):
         body = {"prompt": _prompt(n), "max_tokens": 400, "ignore_eos": True, "stream": True}
