@@ -47,6 +47,10 @@ from pdserve.planner.sim_config import LinkConfig, ServingOverheads
 
 DEMO_PROFILE = Path(__file__).resolve().parent / "profiles" / "demo_cpu.csv"
 DESIGNS = ("disaggregated", "colocated")
+# A request whose gaps are mostly shorter than this came to the client in bursts: its tokens
+# waited somewhere between the engine and the client (a starved front end), so its TTFT and
+# gaps measure the delivery, not the engine. No CPU engine step is this short.
+BURST_GAP_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,12 @@ class Measured:
     @property
     def finish(self) -> float:
         return self.first_token + sum(self.gaps)
+
+    @property
+    def streamed(self) -> bool:
+        """Its tokens arrived one step apart, not in a burst (see BURST_GAP_S)."""
+        rest = sorted(self.gaps[1:])
+        return bool(rest) and rest[len(rest) // 2] >= BURST_GAP_S
 
 
 def read_requests(run_dir: Path) -> list[Measured]:
@@ -167,6 +177,8 @@ def _decode_batch1(probes: list[Measured], split: bool) -> tuple[float, float, l
     if len(xs) < 3:
         raise TraceError("calibration needs at least 3 probes with 6+ output tokens")
     base, per_ctx = theil_sen(xs, ys)
+    if base <= 0:  # the context slope is noise here: a flat step, the median
+        base, per_ctx = statistics.median(ys), 0.0
     return base, per_ctx, list(zip(xs, ys))
 
 
@@ -176,7 +188,7 @@ def _batch_slope_from_replay(replay: list[Measured], base: float, per_ctx: float
     spans = [(m.first_token, m.finish) for m in replay]
     for m in replay:
         rest = m.gaps[1:]
-        if len(rest) < 4:
+        if len(rest) < 4 or not m.streamed:
             continue
         t0, t1 = m.first_token + m.gaps[0], m.finish
         if t1 <= t0:
@@ -212,6 +224,8 @@ def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: l
     if design not in DESIGNS:
         raise PlannerError(f"unknown design {design!r}: use one of {', '.join(DESIGNS)}")
     split = design == "disaggregated"
+    bursts = sum(not m.streamed for m in probes)
+    probes = [m for m in probes if m.streamed]
     base, per_ctx, d_points = _decode_batch1(probes, split)
     # TTFT = dispatch + steps x base + per_token x prompt: a line in prompt once the step bases are taken off
     xs = [float(m.prompt) for m in probes]
@@ -227,7 +241,7 @@ def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: l
     else:
         per_request = _batch_slope_from_profile(shape_profile, base) if shape_profile else 0.0
         source = f"shape of {shape_profile}"
-    fit = {"probes": len(probes), "per_request_source": source,
+    fit = {"probes": len(probes), "burst_probes_left_out": bursts, "per_request_source": source,
            "ttft_residuals_ms": [round((m.ttft - dispatch - prefill_steps(m.prompt, budget) * base
                                         - per_token * m.prompt) * 1000, 1) for m in probes],
            "decode_points_ms": [[round(c), round(t * 1000, 2)] for c, t in d_points]}

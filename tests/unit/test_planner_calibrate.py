@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pdserve.planner.calibrate import Calibration, Measured, calibrate, main, read_requests, theil_sen
+from pdserve.planner.errors import TraceError
 from pdserve.planner.perf_model import ProfileSet
 from pdserve.planner.replay import main as replay_main
 
@@ -114,3 +115,13 @@ def test_isolated_probes_replay_to_what_was_measured(tmp_path, capsys):
     assert abs(table["tpot_p50"]["error"]) < 0.03
     assert "ttft_p50" in capsys.readouterr().out
     assert np.isfinite(table["tpot_p99"]["simulated_ms"])
+
+
+def test_probes_whose_tokens_came_in_a_burst_are_left_out():
+    # a starved front end held a probe's tokens and let them out at once: TTFT ~ E2E, gaps ~0
+    held = Measured(500.0, 400, 40, 1.5, (0.00003,) * 39)
+    cal = calibrate(probes(outlier=False) + [held], "colocated", shape_profile=None)
+    assert cal.fit["burst_probes_left_out"] == 1
+    assert cal.dispatch_s == pytest.approx(DISPATCH, rel=0.05)
+    with pytest.raises(TraceError):
+        calibrate([held] * 5, "colocated", shape_profile=None)
