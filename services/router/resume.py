@@ -179,6 +179,7 @@ class ResumableStream:
         self._seams = 0
         self._failed_on: set[str] = set()
         self._move: _Move | None = None
+        self._paused = False  # the upstream was stopped under us (finish_reason "abort"): a move is due
 
     # -- what migration reads ------------------------------------------------------------------
     @property
@@ -229,6 +230,8 @@ class ResumableStream:
         tag, item = await self._next()
         if tag is _MOVE or tag != self._tag:
             return None  # a move's wake-up, or a closed upstream's leftovers
+        if item is END and self._paused:
+            return None  # stopped from under us (migration): a move, or the deadline, comes next
         if item is END:
             item = EngineError(f"instance {self.instance_id} ended the stream early")
         if isinstance(item, BaseException):
@@ -247,6 +250,8 @@ class ResumableStream:
                                               f"{self._rec.config.timeout_s:.0f} s of the continuation's start")
 
     async def _on_delta(self, delta: OutputDelta) -> OutputDelta | None:
+        if delta.finish_reason == "abort":
+            return self._on_stopped(delta)
         if self._awaiting_first is not None:
             self._awaiting_first = None
             if self._resumes:
@@ -286,6 +291,22 @@ class ResumableStream:
             delta.num_prompt_tokens = len(self.request.prompt_token_ids)
         return delta
 
+    def _on_stopped(self, delta: OutputDelta) -> OutputDelta | None:
+        """The engine ended the request without being asked by us (our aborts close the stream before any
+        answer): migration stopped it on the source. Its tokens count; the client's stream does not end.
+        A move is due: if none comes by the deadline the instance counts as failed (recovery)."""
+        self._paused = True
+        self._awaiting_first = time.monotonic() + self._rec.config.timeout_s
+        if not delta.token_ids:
+            return None
+        self.generated.extend(delta.token_ids)
+        self.logprobs_sent += len(delta.logprobs or ())
+        self._text += delta.text
+        text = self._text[self._released:max(len(self._text) - self._hold, self._released)]
+        self._released += len(text)
+        delta.text, delta.finish_reason, delta.stop_reason, delta.request_finished = text, None, None, False
+        return delta
+
     def _stop_across_seam(self, start: int) -> tuple[str, int] | None:
         """A stop string starting before the last seam and complete now: (it, the text's new end)."""
         if self._seam_at is None or not self._stop_strings or start >= self._seam_at + max(map(len, self._stop_strings)):
@@ -322,6 +343,7 @@ class ResumableStream:
         self._tag += 1
         self._task = asyncio.create_task(drain(lambda: client.generate(request), self._queue, self._tag))
         self._where = lambda: (client.instance_id, request.request_id)
+        self._paused = False
         self._awaiting_first = time.monotonic() + self._rec.config.timeout_s
         if old is not None:
             old.cancel()

@@ -380,3 +380,55 @@ def test_through_the_gateway_usage_is_the_whole_request_after_a_recovery(demo_mo
         assert 'pdserve:stream_recoveries_total{model_name="demo",outcome="completed"} 1.0' in scrape
     finally:
         server.stop()
+
+
+async def test_a_source_stopped_under_the_stream_waits_for_the_move_not_the_end():
+    """Migration stops the request on the source (vLLM ends it with finish_reason "abort"): the client's
+    stream neither ends nor fails; the move continues it on the target."""
+    params = _params(max_tokens=8)
+    expected = _tokens(await _reference(params))
+    target, recovery = _lm("b"), StreamRecovery()
+    stopped = asyncio.Event()
+
+    async def source(request):
+        ref = _lm("a")
+        async with contextlib.aclosing(ref.generate(request)) as stream:
+            async for delta in stream:
+                if len(ref.submitted) and delta.token_ids and delta.token_ids[0] == expected[3]:
+                    yield dataclasses.replace(delta, finish_reason="abort", request_finished=True)
+                    stopped.set()
+                    return
+                yield delta
+
+    request = EngineRequest("r", PROMPT, params)
+    stream = recovery.wrap(request, source, lambda: ("a", "r"), _picker())
+    moves = []
+
+    async def mover():
+        await stopped.wait()
+        moves.append(await recovery.streams.get("r").move(target, at_tokens=4))
+
+    task = asyncio.ensure_future(mover())
+    async with contextlib.aclosing(stream) as deltas:
+        out = [d async for d in deltas]
+    await task
+    assert _tokens(out) == expected and len(moves[0].generated) == 4
+    assert [d.finish_reason for d in out].count("abort") == 0 and out[-1].finish_reason == "length"
+
+
+async def test_a_source_stopped_and_never_moved_recovers_at_the_deadline():
+    params = _params(max_tokens=6)
+    expected = _tokens(await _reference(params))
+    spare, recovery = _lm("b"), StreamRecovery(StreamResumeConfig(timeout_s=0.2))
+
+    async def source(request):
+        async with contextlib.aclosing(_lm("a").generate(request)) as stream:
+            async for delta in stream:
+                yield dataclasses.replace(delta, finish_reason="abort", request_finished=True)
+                return
+
+    request = EngineRequest("r", PROMPT, params)
+    async with contextlib.aclosing(recovery.wrap(request, source, lambda: ("a", "r"), _picker(spare))) as s:
+        out = [d async for d in s]
+    assert _tokens(out) == expected and spare.submitted[0].prompt_token_ids == PROMPT + expected[:1]
+    assert recovery.counters == {"timeout": 1, "resumed": 1, "completed": 1}
