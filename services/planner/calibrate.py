@@ -117,6 +117,7 @@ class Calibration:
     dispatch_s: float
     handoff_s: float = 0.0
     kv_bytes_per_token: int = 2048
+    serial_s: float = 0.0  # of the TTFT intercept, the part the prefill instance spends per prompt (serially)
     fit: dict = field(default_factory=dict)
 
     def prefill_time(self, tokens: float) -> float:
@@ -127,7 +128,8 @@ class Calibration:
 
     def overheads(self) -> ServingOverheads:
         split = self.design == "disaggregated"
-        return ServingOverheads(dispatch_s=self.dispatch_s, reservation_at_step=split, decode_first_step=split)
+        return ServingOverheads(dispatch_s=max(self.dispatch_s - self.serial_s, 0.0), prefill_request_s=self.serial_s,
+                                reservation_at_step=split, decode_first_step=split)
 
     def link(self) -> LinkConfig:
         # the KV itself is small here (MBs over loopback TCP, mostly sent during the prefill):
@@ -246,7 +248,32 @@ def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: l
                                         - per_token * m.prompt) * 1000, 1) for m in probes],
            "decode_points_ms": [[round(c), round(t * 1000, 2)] for c, t in d_points]}
     return Calibration(design, budget, base, per_ctx, per_request, per_token, max(dispatch, 0.0), handoff,
-                       kv_bytes_per_token, fit)
+                       kv_bytes_per_token, fit=fit)
+
+
+SERIAL_GRID = tuple(k / 10 for k in range(11))
+
+
+def fit_serial(cal: Calibration, replay_dir: Path) -> Calibration:
+    """Which share of the TTFT intercept is engine time on the prefill instance (serial) rather than delay.
+
+    Isolated probes cannot tell a fixed delay from a fixed engine cost; load can: engine time
+    queues the prompts behind it. Chosen on a loaded replay of the same design, the share (0,
+    0.1, .. 1) whose simulated TTFT p50 and p90 are closest to the measured ones (mean |log ratio|).
+    """
+    from pdserve.planner.replay import calibrated_config, compare, default_pools
+
+    scores = {}
+    for share in SERIAL_GRID:
+        trial = Calibration(**{**asdict(cal), "serial_s": share * cal.dispatch_s})
+        out = compare(Path(replay_dir), trial.perf_model(), "live", "live", default_pools(cal.design), 1_000_000,
+                      "least_loaded", calibrated_config(trial))
+        pct = out["percentiles"]
+        scores[share] = statistics.fmean(abs(math.log(max(pct[k]["simulated_ms"], 1e-9) / pct[k]["measured_ms"]))
+                                         for k in ("ttft_p50", "ttft_p90"))
+    best = min(scores, key=lambda k: (round(scores[k], 6), k))
+    fit = {**cal.fit, "serial_share": best, "serial_scores": {f"{k:.1f}": round(v, 3) for k, v in scores.items()}}
+    return Calibration(**{**asdict(cal), "serial_s": best * cal.dispatch_s, "fit": fit})
 
 
 def write_profile_csv(path: Path, rows: list[dict]) -> None:
@@ -260,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probes", type=Path, help="Bench run of isolated requests (--concurrency 1).")
     parser.add_argument("--design", required=True, choices=DESIGNS)
-    parser.add_argument("--replay", type=Path, help="A loaded bench run on the same design: per-request cost.")
+    parser.add_argument("--replay", type=Path, help="A loaded bench run on the same design: the decode cost per "
+                                                   "request in the batch, and (with --fit-serial) which share of "
+                                                   "the TTFT intercept is prefill-engine time.")
+    parser.add_argument("--fit-serial", action="store_true", help="Fit the serial share on --replay.")
     parser.add_argument("--budget", type=int, default=2048, help="vLLM's max_num_batched_tokens (default 2048).")
     parser.add_argument("--shape-profile", type=Path, default=DEMO_PROFILE,
                         help="Offline profile whose batch sweep gives the per-request cost without --replay.")
@@ -274,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         cal = calibrate(read_requests(args.probes), args.design, args.budget,
                         read_requests(args.replay) if args.replay else None, args.shape_profile,
                         args.kv_bytes_per_token)
+        if args.fit_serial and args.replay:
+            cal = fit_serial(cal, args.replay)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -283,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.design}: decode step {cal.decode_base_s * 1000:.2f} ms + {cal.decode_per_request_s * 1000:.3f} ms "
           f"per extra request + {cal.decode_per_context_s * 1e6:.3f} us per context token; prefill "
           f"{cal.prefill_per_token_s * 1e6:.1f} us per token + {cal.decode_base_s * 1000:.2f} ms per step; dispatch "
-          f"{cal.dispatch_s * 1000:.1f} ms; handoff {cal.handoff_s * 1000:.1f} ms -> {args.output}")
+          f"{cal.dispatch_s * 1000:.1f} ms (of which prefill-engine time {cal.serial_s * 1000:.1f} ms); handoff "
+          f"{cal.handoff_s * 1000:.1f} ms -> {args.output}")
     return 0
 
 

@@ -49,13 +49,17 @@ class ServingOverheads(BaseModel):
     reservation_at_step: bool = Field(False, description="Disaggregated: the prompt waits for D's next step boundary "
                                                          "before the reservation goes out (vLLM's scheduler runs "
                                                          "between steps).")
+    prefill_request_s: float = Field(0.0, ge=0.0, description="Engine time per prompt on the instance that "
+                                                              "prefills it, beyond its tokens: the step that finishes "
+                                                              "a prompt takes this much longer (per-request work the "
+                                                              "engine does serially, unlike dispatch_s).")
     decode_first_step: bool = Field(False, description="Disaggregated: D computes the prompt's last token and samples "
                                                        "P's token again in its first step (pdserve's connector, like "
                                                        "vLLM's), so D runs `output` steps, not `output - 1`.")
 
     @property
     def any(self) -> bool:
-        return bool(self.dispatch_s or self.reservation_s or self.reservation_at_step)
+        return bool(self.dispatch_s or self.reservation_s or self.reservation_at_step)  # delays before the queue
 
 
 class SimConfig(BaseModel):

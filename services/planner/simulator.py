@@ -337,6 +337,8 @@ class Simulator:
         if inst.prefill_queue and (not self.cfg.chunked_prefill or running < self.cfg.max_prefill_tokens):
             tokens = self._take_prefill(inst, running, now)
             duration = inst.spec.perf.prefill_time(tokens + running)
+            if self.cfg.overheads.prefill_request_s:
+                duration += self.cfg.overheads.prefill_request_s * self._finishing(inst)
             inst.kind, inst.batch_tokens, inst.rides_along = 1, tokens, running > 0
             if self.view is not None:  # the batch riding along sees the prefill as one long gap
                 self.view.gaps(inst.spec.instance_id, running, inst.ctx_base + running * inst.steps, duration, running)
@@ -354,6 +356,12 @@ class Simulator:
         inst.busy, inst.start, inst.end = True, now, now + duration
         inst.version += 1
         self._push(now + duration, _ITER_END, inst.pos, inst.version)
+
+    def _finishing(self, inst: _Instance) -> int:
+        """Prompts whose prefill the iteration being started completes."""
+        if inst.takes is None:
+            return len(inst.batch)
+        return sum(self.done[r] + t >= self.compute[r] for r, t in zip(inst.batch, inst.takes))
 
     def _take_prefill(self, inst: _Instance, running: int, now: float) -> int:
         """The prompts (chunked: the chunks) of the prefill iteration starting now; returns its tokens."""

@@ -125,3 +125,29 @@ def test_probes_whose_tokens_came_in_a_burst_are_left_out():
     assert cal.dispatch_s == pytest.approx(DISPATCH, rel=0.05)
     with pytest.raises(TraceError):
         calibrate([held] * 5, "colocated", shape_profile=None)
+
+
+def test_a_loaded_replay_tells_engine_time_from_delay(tmp_path):
+    # the truth: of the 60 ms intercept, all is prefill-engine time. A replay simulated with that truth
+    # (requests 0.05 s apart, so prompts queue behind each other's engine time) is what "live" measured;
+    # the fit must find share 1.0 on it, and 0.0 on one simulated with a pure delay
+    from pdserve.planner.calibrate import fit_serial
+    from pdserve.planner.replay import calibrated_config, default_pools
+    from pdserve.planner.simulator import InstanceSpec, Simulator
+    from pdserve.planner.trace import Trace
+    from pdserve.router.registry import make_policy
+
+    cal = calibrate(probes(outlier=False), "colocated", shape_profile=None)
+    n = 40
+    arrival, prompt, output = np.arange(n) * 0.05, np.full(n, 120), np.full(n, 8)
+    for share in (1.0, 0.0):
+        truth = Calibration(**{**cal.__dict__, "serial_s": share * cal.dispatch_s})
+        pools = default_pools("colocated")
+        instances = [InstanceSpec(f"{r.value}-{i}", r, "live", truth.perf_model(), 10**6) for r, k in pools.items()
+                     for i in range(k)]
+        res = Simulator(instances, make_policy("least_loaded"), calibrated_config(truth)).run(
+            Trace("t", arrival, prompt, output))
+        rows = [Measured(float(a), int(p), int(o), float(t), (float(g),) * (int(o) - 1))
+                for a, p, o, t, g in zip(arrival, prompt, output, res.ttft, res.tpot)]
+        run = _write_run(tmp_path / f"share{share}", rows)
+        assert fit_serial(cal, run).fit["serial_share"] == share

@@ -161,3 +161,14 @@ def test_slo_aware_refusals_that_capacity_cures_wait_until_their_deadline():
     assert res.reject_reason[0] is None and res.reject_reason[1] is None
     assert res.first_token[1] == pytest.approx(0.9 + 0.4)
     assert "deadline" in res.reject_reason[2]
+
+
+def test_per_prompt_engine_time_is_serial_on_the_prefill_instance():
+    # prefill_request_s 0.2: the step that finishes a prompt takes 0.2 s longer. r0 (50) 0-0.7;
+    # r1 (50) at 0.1 waits for it: 0.7-1.4 (a dispatch delay would not have queued it)
+    over = ServingOverheads(prefill_request_s=0.2)
+    _, res = run(split(), trace([0.0, 0.1], [50, 50], [1, 1]), chunked_prefill=True, overheads=over)
+    np.testing.assert_allclose(res.first_token, [0.7, 1.4])
+    # a chunk that does not finish its prompt pays nothing: 150 tokens in budget 100 -> 1.0, then 0.5 + 0.2
+    _, res = run(split(), trace([0.0], [150], [1]), chunked_prefill=True, max_prefill_tokens=100, overheads=over)
+    np.testing.assert_allclose(res.first_token, [1.7])
