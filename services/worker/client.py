@@ -77,6 +77,7 @@ def delta_error(delta: OutputDelta) -> EngineError | InvalidRequestError:
 
 
 _END = object()  # queue sentinel: the instance died
+_LOST = object()  # queue sentinel: the output channel broke; this request's deltas may be lost (the instance lives)
 MAX_EMPTY_REOPENS = 3  # a channel that closes this many times in a row with nothing read is broken for good
 
 
@@ -99,6 +100,10 @@ class RayEngineClient(EngineClient):
     async def _run_pump(self) -> None:
         try:
             async for batch in self._batches():
+                if batch is None:  # the channel broke and is reopened: whatever was in flight may be gone
+                    for queue in self._queues.values():
+                        queue.put_nowait(_LOST)
+                    continue
                 for delta in batch:
                     queue = self._queues.get(delta.request_id)
                     if queue is not None:  # else: aborted and forgotten already
@@ -111,11 +116,12 @@ class RayEngineClient(EngineClient):
         for queue in self._queues.values():
             queue.put_nowait(_END)
 
-    async def _batches(self) -> AsyncIterator[list[OutputDelta]]:
+    async def _batches(self) -> AsyncIterator[list[OutputDelta] | None]:
         """The worker's output batches: over its direct channel, or Ray's streaming call where it has none.
 
-        The channel ending while the actor still answers is a broken connection, not a death: it is
-        opened again. An actor that does not answer is dead (the caller's error path).
+        The channel ending while the actor still answers is a broken connection, not a death: None
+        (the requests in flight may have lost deltas, they fail), then it is opened again. An actor
+        that does not answer is dead (the caller's error path).
         """
         empty_reopens = 0
         while True:
@@ -137,6 +143,7 @@ class RayEngineClient(EngineClient):
                 if empty_reopens > MAX_EMPTY_REOPENS:
                     raise
                 self.channel_reconnects += 1
+                yield None  # the requests in flight now fail (their aborts free their blocks); new ones go on
                 logger.warning("instance %s: output channel closed while its actor lives; reopening",
                                self.instance_id)
         async for ref in self.actor.outputs.remote():
@@ -153,6 +160,8 @@ class RayEngineClient(EngineClient):
             await self.actor.submit.remote(request)
             while not finished:
                 delta = await queue.get()
+                if delta is _LOST:
+                    raise EngineError(f"instance {self.instance_id}: its output channel broke mid-request")
                 if delta is _END:
                     raise EngineDeadError(self._dead or f"instance {self.instance_id} stopped")
                 if delta.error:

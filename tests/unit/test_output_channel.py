@@ -94,6 +94,8 @@ async def _collect(client, rid):
 
 
 async def test_client_reads_the_channel_and_reopens_it_while_the_actor_lives():
+    from pdserve.shared.errors import EngineError
+
     actor = ChannelActor()
     client = _client(actor)
     a = asyncio.create_task(_collect(client, "a"))
@@ -101,10 +103,14 @@ async def test_client_reads_the_channel_and_reopens_it_while_the_actor_lives():
     actor.outbox.put_nowait(_delta("a", "a1"))
     await asyncio.sleep(0.05)
     await actor.channel.close()  # the connection breaks; the actor still answers
+    with pytest.raises(EngineError, match="output channel broke"):  # its deltas may be lost: it fails...
+        await asyncio.wait_for(a, 5)
+    assert actor.aborted == ["a"]  # ...and is aborted in the engine, which frees its blocks
+    b = asyncio.create_task(_collect(client, "b"))  # the instance serves on, over a reopened channel
     await asyncio.sleep(0.05)
-    actor.outbox.put_nowait(_delta("a", "a2", finished=True))
-    assert await asyncio.wait_for(a, 5) == ["a1", "a2"]
-    assert client.channel_reconnects == 1
+    actor.outbox.put_nowait(_delta("b", "b1", finished=True))
+    assert await asyncio.wait_for(b, 5) == ["b1"]
+    assert client.channel_reconnects == 1 and client._dead is None  # not taken for dead
     await client.close()
     await actor.channel.close()
 
