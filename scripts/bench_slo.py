@@ -87,7 +87,7 @@ def predictor_error(path: Path, offset: int) -> tuple[dict, int]:
 
 
 def serve(policy: str, args: argparse.Namespace, slo: dict | None) -> ServeProcess:
-    config = {"gateway": {"routing_policy": policy},
+    config = {"gateway": {"routing_policy": policy}, "engine": {"enable_prefix_caching": args.prefix_caching},
               "slo": {**({"interactive": slo} if slo else {}),
                       "prediction_log": str(args.out / f"predictions_{policy}.jsonl")}}
     path = args.out / f"serve_{policy}.yaml"
@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=1)
     parser.add_argument("--kv-bytes", type=int, default=512 << 20)
     parser.add_argument("--trace-dir", type=Path, default=REPO.parent / "shared" / "traces")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                        help="Engines' prefix caching (off by default: every run replays the same trace head, so "
+                             "cached prompts would make later runs and their TTFT predictions incomparable)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     first = serve(args.policies[0], args, None)

@@ -36,7 +36,7 @@ class PerfModelConfig(_Strict):
     handoff_latency_ms: float = Field(2.0, ge=0, description="Fixed cost of one handoff (handshake, first byte).")
     max_prefill_tokens: int = Field(2048, gt=0, description="Prompt tokens one prefill iteration takes (the "
                                                             "engine's max_num_batched_tokens).")
-    calibration_weight: float = Field(0.2, gt=0, le=1, description="Weight of one finished request in the online "
+    calibration_weight: float = Field(0.1, gt=0, le=1, description="Weight of one finished request in the online "
                                       "calibration of TTFT and handoff (a line from profiled to actual, fitted "
                                       "with exponential forgetting).")
     step_calibration_weight: float = Field(0.02, gt=0, le=1, description="Weight of one decode gap (two deltas "

@@ -94,7 +94,8 @@ class SloMetrics:
                 "max_tokens": ticket.max_tokens, "tokens": ticket.tokens, "placed_at": ticket.placed_at,
                 "predicted_ttft_s": placement.predicted_ttft_s, "ttft_s": ticket.ttft_s,
                 "predicted_tpot_s": placement.predicted_tpot_s, "tpot_s": ticket.tpot_s,
-                "first_gap_s": getattr(ticket, "first_gap_s", None)}) + "\n")
+                "first_gap_s": getattr(ticket, "first_gap_s", None),
+                "basis": getattr(placement, "basis", None)}) + "\n")
 
     # -- the admission queue (AdmissionObserver) -------------------------------------------------------
     def admitted(self, priority: Priority, waited_s: float, queued: bool) -> None:
