@@ -213,6 +213,11 @@ class PDConnector(KVConnectorBase_V1):
             self._scheduler.poster.close()
 
     # ==== scheduler side ================================================================
+    @property
+    def scheduler_side(self) -> PDSchedulerSide | None:
+        """The scheduler side's state (the migration utilities in the engine core act on it)."""
+        return self._scheduler
+
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         assert self._scheduler is not None
         self._scheduler.endpoints = endpoints_by_rank(metadata, self._tp_size)

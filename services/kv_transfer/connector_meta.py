@@ -56,6 +56,10 @@ class PDConnectorMetadata(KVConnectorMetadata):
     tokens: list[TokenSpec] = field(default_factory=list)
     abort_loads: list[str] = field(default_factory=list)  # request ids whose receive must stop
     abort_sends: list[str] = field(default_factory=list)  # request ids whose send must stop
+    # Migration out (`kv_transfer.migration`): stopped requests whose blocks go now, from storage (no
+    # forward computes them), and stopped requests whose held blocks are freed without a send.
+    migrations: list[SendSpec] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdserve.kv_transfer.blocks import blocks_for_tokens
 from pdserve.kv_transfer.connector_meta import LoadSpec, PDConnectorMetadata, SendSpec, TokenSpec
+from pdserve.kv_transfer.migration import MigrationSource
 from pdserve.kv_transfer.params import DecodeParams, ParamsError, PrefillParams, Reservation
 from pdserve.kv_transfer.reservations import ReservationPoster
 
@@ -71,6 +72,8 @@ class PDSchedulerSide:
         self._sends: dict[str, _Send] = {}
         self._sending: set[str] = set()  # P requests whose blocks wait for the worker's finished_sending
         self._meta = PDConnectorMetadata()
+        # Requests stopped for migration to another decode instance (their blocks held until sent).
+        self.migration = MigrationSource(block_size, transfer_timeout_s)
 
     # -- admission ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -126,6 +129,7 @@ class PDSchedulerSide:
 
     # -- per step -----------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
+        self.migration.expire(self._meta)
         for rid, num in scheduler_output.num_scheduled_tokens.items():
             send = self._sends.get(rid)
             # vLLM builds the metadata before it advances num_computed_tokens:
@@ -159,12 +163,16 @@ class PDSchedulerSide:
         for rid in output.finished_sending or ():
             self._sending.discard(rid)
             self._sends.pop(rid, None)
+            self.migration.finished(rid)
 
     # -- the end of a request -----------------------------------------------------------
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """True keeps the blocks until the worker reports the send finished."""
         rid = request.request_id
         self._answered.discard(rid)
+        if self.migration.holds(rid):
+            self._receives.pop(rid, None)  # its load (if any) finished long ago
+            return True, None  # stopped for migration: its blocks go to the target first (or are released)
         receive = self._receives.pop(rid, None)
         if receive is not None and request.status.name == "FINISHED_ABORTED" and receive.external_tokens:
             self._meta.abort_loads.append(rid)  # harmless if the load already finished
@@ -179,6 +187,17 @@ class PDSchedulerSide:
         self._sends.pop(rid, None)
         return False, None
 
+    # -- migration out (called by the engine-core utilities, between steps) ---------------
+    def migrate_send(self, rid: str, reservation: Reservation) -> None:
+        """Push a stopped request's blocks into the target's reservation (MigrationError if it cannot)."""
+        blocks = self.migration.block_ids(self.kv_cache_manager, rid)
+        self.migration.send(rid, reservation, blocks, self._meta, self.transfer_timeout_s)
+
+    def migrate_release(self, rid: str) -> bool:
+        """Free a stopped request's blocks without a send; False if it was not held."""
+        return self.migration.release(rid, self._meta)
+
     def has_pending_push_work(self) -> bool:
         """Keep the engine stepping while sends hold blocks: completion is noticed only in a step."""
-        return bool(self._sending or self._meta.abort_loads or self._meta.abort_sends or self._meta.tokens)
+        return bool(self._sending or self._meta.abort_loads or self._meta.abort_sends or self._meta.tokens
+                    or self.migration.pending())

@@ -47,7 +47,8 @@ from pdserve.kv_transfer.registry import EndpointRegistry
 log = logging.getLogger(__name__)
 
 COUNTERS = ("recv_done", "recv_failed", "recv_aborted", "send_done", "send_failed", "bytes_sent", "blocks_sent",
-            "bytes_saved", "blocks_saved", "transfer_s", "exposed_s")
+            "bytes_saved", "blocks_saved", "transfer_s", "exposed_s", "migrate_sent", "migrate_bytes",
+            "migrate_released")
 
 
 def detect_order(kv: torch.Tensor, head_dim: int) -> str:
@@ -107,6 +108,7 @@ class PDWorkerSide:
         self._step_sends: list[_Send] = []
         self._aborted_loads: set[str] = set()  # stopped receives, to report finished so vLLM frees their blocks
         self._finished_reqs: set[str] = set()  # vLLM may free a sender's blocks only once listed here
+        self._released: set[str] = set()  # migrations given up before a send: report them so vLLM frees
         self.counters = dict.fromkeys(COUNTERS, 0)
 
     # -- start-up -----------------------------------------------------------------------
@@ -158,6 +160,33 @@ class PDWorkerSide:
             self._sends[send.spec.req_id] = send
         for token in meta.tokens:
             self._send_token(token.req_id, token.token_ids)
+        for spec in meta.migrations:
+            self._migrate(spec)
+        self._released.update(meta.releases)
+        self.counters["migrate_released"] += len(meta.releases)
+
+    def _migrate(self, spec: SendSpec) -> None:
+        """Push a stopped request's stored blocks, every layer now, then an empty token frame.
+
+        The request is finished in vLLM already (stopped for migration), so it is listed as
+        finished here: its blocks are freed as soon as the send ends, either way.
+        """
+        send = self._open_send(spec)
+        self._sends[spec.req_id] = send
+        self._finished_reqs.add(spec.req_id)
+        if send.sender is None:
+            return
+        try:
+            for layer, paged in enumerate(self._layers):
+                blocks = gather(paged, spec.local_block_ids)
+                send.sender.send(layer, blocks)
+                self.counters["migrate_bytes"] += blocks.numel() * blocks.element_size()
+            # The target samples on its own from the last token: an empty token frame completes its receive.
+            send.sender.send_token([])
+        except TransferError as exc:  # the target ended it (abort, timeout): the send reports failed
+            log.info("request %s: migration send stopped: %s", spec.req_id, exc)
+            return
+        self.counters["migrate_sent"] += 1  # (no timing: nothing overlaps, the P->D overlap figures stay P->D's)
 
     def _send_token(self, req_id: str, token_ids: list[int]) -> None:
         """P sampled its token from the KV on the wire: D continues from it (see first_token)."""
@@ -242,7 +271,9 @@ class PDWorkerSide:
         recving, failed = self._collect_loads()
         recving |= self._aborted_loads
         self._aborted_loads = set()
-        return self._collect_sends(), recving, failed
+        sending = self._collect_sends() | self._released
+        self._released = set()
+        return sending, recving, failed
 
     def _collect_loads(self) -> tuple[set[str], set[str]]:
         recving: set[str] = set()

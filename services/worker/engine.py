@@ -373,6 +373,29 @@ class EngineWorker:
                 batch.append(self._outbox.get_nowait())
             yield batch
 
+    # -- live migration out (worker.migration): each answers a dict, {"error": ...} on refusal ----------
+    async def migrate_stop(self, request_id: str) -> dict:
+        """Stop `request_id` for migration: its KV stays held here; answers its token ids."""
+        from pdserve.worker.migration import MIGRATE_STOP, worker_call
+
+        return await worker_call(self._engine, self._migration_held(), MIGRATE_STOP, request_id)
+
+    async def migrate_send(self, request_id: str, reservation: dict) -> dict:
+        """Push a stopped request's KV into the target's reservation, then free it."""
+        from pdserve.worker.migration import MIGRATE_SEND, worker_call
+
+        return await worker_call(self._engine, self._migration_held(), MIGRATE_SEND, request_id, reservation)
+
+    async def migrate_release(self, request_id: str) -> dict:
+        """Free a stopped request's KV without a send (its target never reserved)."""
+        from pdserve.worker.migration import MIGRATE_RELEASE, worker_call
+
+        return await worker_call(self._engine, self._migration_held(), MIGRATE_RELEASE, request_id)
+
+    def _migration_held(self) -> dict[str, str]:
+        """Worker request id -> engine-core id of requests stopped here (kept past the stream's end)."""
+        return self.__dict__.setdefault("_held_for_migration", {})
+
     def info(self) -> EngineInfo | None:
         return self._info
 

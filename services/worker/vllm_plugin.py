@@ -2,7 +2,8 @@
 
 vLLM loads every `vllm.general_plugins` entry point in each of its processes
 (the front end, the engine core, the workers); ours is registered in
-pyproject.toml and does two things:
+pyproject.toml and does three things (the third, live migration's engine-core
+utilities and the seeded generator's catch-up, lives in `worker.migration`):
 
 1. A load probe on the engine core. vLLM's stat loggers only hear from the
    scheduler when it steps, and an idle engine does not step: the counts of
@@ -36,9 +37,13 @@ def register() -> None:
     """Entry point (`vllm.general_plugins`); safe to call more than once per process."""
     from vllm.platforms import current_platform
 
+    from pdserve.worker.migration import add_migration_utilities, patch_generator_steps
+
     add_load_probe()
+    add_migration_utilities()  # live migration out of a decode instance (worker.migration)
     if current_platform.is_cpu():
         patch_cpu_model_runner()
+        patch_generator_steps()
 
 
 LOAD_PROBE = "pdserve_load"
