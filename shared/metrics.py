@@ -6,6 +6,8 @@ collectors), so tests can build as many gateways as they like.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pdserve.shared.lifecycle import Outcome, RequestLifecycle
@@ -92,6 +94,38 @@ class Metrics:
         self.scaling = Gauge("pdserve:scaling_events", "Instances the scaler started, failed to start (placement "
                              "or load past pools.start_timeout_s), removed, and drains that reached their deadline "
                              "with requests still running, since start.", ["model_name", "event"], registry=r)
+
+        self._add_migration_metrics(r)
+
+    def _add_migration_metrics(self, r: CollectorRegistry) -> None:
+        """Live migration (issue 11). Bytes moved: pdserve:kv_transfers{event="migrate_bytes"} per source."""
+        m = ["model_name"]
+        self.migrations = Counter("pdserve:migrations", "Live migrations of decoding requests, by reason (drain, "
+                                  "preemption, priority, load_balance) and outcome (completed, rejected = nothing "
+                                  "done, aborted = started and called off; the request went on).",
+                                  m + ["reason", "outcome"], registry=r)
+        self.migration_downtime = Histogram("pdserve:migration_downtime_seconds", "Completed migrations: the "
+                                            "source's stop to the target's first token in the client's stream.",
+                                            m, buckets=_LATENCY, registry=r)
+        self.migration_stages = Histogram("pdserve:migration_stages", "Copy rounds per completed migration "
+                                          "(1: stop-and-copy).", m, buckets=(1, 2, 3, 4, 6, 8, 12), registry=r)
+        self.migration_blocks = Histogram("pdserve:migration_blocks", "KV blocks sent per completed migration.",
+                                          m, buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 4096), registry=r)
+        self.migration_aborts = Counter("pdserve:migration_aborts", "Migrations called off after they started, "
+                                        "by the stage they reached (switch, reserve, send, resume).",
+                                        m + ["stage"], registry=r)
+
+    def observe_migration(self, result: Any) -> None:
+        """One `router.migration.MigrationResult` (typed loosely: shared/ does not import the router)."""
+        m = self.model_name
+        self.migrations.labels(m, result.reason.value, result.outcome.value).inc()
+        if result.outcome.value == "aborted":
+            self.migration_aborts.labels(m, result.stage.value).inc()
+        elif result.outcome.value == "completed":
+            if result.downtime_s is not None:
+                self.migration_downtime.labels(m).observe(result.downtime_s)
+            self.migration_stages.labels(m).observe(result.stages)
+            self.migration_blocks.labels(m).observe(result.blocks)
 
     def observe_request(self, life: RequestLifecycle, finish_reasons: list[str]) -> None:
         """Record a finished request (any outcome)."""

@@ -205,3 +205,21 @@ async def test_running_lists_live_streams_for_the_policy() -> None:
 
     await h.run(_request(), on_token)
     assert [(r.request_id, r.instance_id, r.context_tokens) for r in seen] == [("r1", "d0", len(PROMPT) + 3)]
+
+
+async def test_results_feed_the_migration_metrics() -> None:
+    from pdserve.shared.metrics import Metrics
+
+    metrics = Metrics("demo")
+    h = Harness(_engines(2))
+    h.coordinator.on_result = metrics.observe_migration
+    h.inbox.silent.add("d1")
+    await _one_migration(h)  # aborted at reserve
+    h.inbox.silent.clear()
+    await _one_migration(h)  # completed
+    text = metrics.render().decode()
+    assert 'pdserve:migrations_total{model_name="demo",outcome="aborted",reason="drain"} 1.0' in text
+    assert 'pdserve:migrations_total{model_name="demo",outcome="completed",reason="drain"} 1.0' in text
+    assert 'pdserve:migration_aborts_total{model_name="demo",stage="reserve"} 1.0' in text
+    assert 'pdserve:migration_downtime_seconds_count{model_name="demo"} 1.0' in text
+    assert 'pdserve:migration_stages_sum{model_name="demo"} 1.0' in text
