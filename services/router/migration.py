@@ -48,7 +48,9 @@ from pdserve.kv_transfer.errors import TransferError
 from pdserve.kv_transfer.migration import MigrationError, StoppedRequest
 from pdserve.kv_transfer.params import PARAMS_KEY, DecodeParams, Reservation
 from pdserve.kv_transfer.reservations import ReservationSource
-from pdserve.router.migration_policy import Migration, MigrationReason, RunningRequest
+from pdserve.router.migration_policy import (Migration, MigrationPolicyConfig, MigrationReason, MigrationSnapshot,
+                                             RunningRequest, decide)
+from pdserve.router.snapshot import ClusterSnapshot
 from pdserve.router.resume import MoveAborted, ResumableStream, Seam, StreamRegistry
 from pdserve.shared.errors import EngineError
 from pdserve.shared.protocol import EngineRequest
@@ -109,8 +111,12 @@ class MigrationCoordinator:
     def __init__(self, streams: StreamRegistry, clients: Mapping[str, EngineClient], inbox: ReservationSource,
                  config: CoordinatorConfig | None = None,
                  ops: Callable[[EngineClient], MigrationOps] = migration_ops,
-                 on_result: Callable[[MigrationResult], None] | None = None) -> None:
+                 on_result: Callable[[MigrationResult], None] | None = None,
+                 cluster: Callable[[], ClusterSnapshot] | None = None,
+                 policy: MigrationPolicyConfig | None = None) -> None:
         self.streams, self.clients, self.inbox = streams, clients, inbox
+        self.cluster = cluster  # the router's snapshot (None: no policy-driven migrations, only asked ones)
+        self.policy = policy or MigrationPolicyConfig()
         self.config = config or CoordinatorConfig()
         self.ops = ops
         self.on_result = on_result  # metrics
@@ -132,6 +138,29 @@ class MigrationCoordinator:
 
     def in_flight_tuples(self) -> tuple[tuple[str, str, str], ...]:
         return tuple((rid, s, t) for rid, (s, t) in self.in_flight.items())
+
+    def decide(self, draining: frozenset[str] = frozenset(),
+               tpot_s: dict[str, float] | None = None) -> list[Migration]:
+        """The policy's migrations for the cluster now (none without a cluster snapshot)."""
+        if self.cluster is None:
+            return []
+        snap = MigrationSnapshot(self.cluster(), self.running(), draining, self.in_flight_tuples(), tpot_s or {})
+        return decide(snap, self.policy)
+
+    async def drain(self, instance_id: str, timeout_s: float) -> bool:
+        """Move every stream off a draining `instance_id`, a few at a time; True when none is left there.
+
+        Streams that cannot move yet (still prefilling) are retried until the deadline; what is left
+        then finishes where it is (the caller's drain waits for it).
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.streams.on(instance_id) and time.monotonic() < deadline:
+            moves = [m for m in self.decide(frozenset({instance_id})) if m.reason is MigrationReason.DRAIN]
+            if not moves:
+                await asyncio.sleep(0.2)  # no room, no slot, or nothing decoding yet
+                continue
+            await self.apply(moves)
+        return not self.streams.on(instance_id)
 
     # -- doing it -------------------------------------------------------------------------------
     async def apply(self, migrations: list[Migration]) -> list[MigrationResult]:

@@ -223,3 +223,28 @@ async def test_results_feed_the_migration_metrics() -> None:
     assert 'pdserve:migration_aborts_total{model_name="demo",stage="reserve"} 1.0' in text
     assert 'pdserve:migration_downtime_seconds_count{model_name="demo"} 1.0' in text
     assert 'pdserve:migration_stages_sum{model_name="demo"} 1.0' in text
+
+
+async def test_drain_moves_every_stream_off_the_instance() -> None:
+    from pdserve.router.snapshot import ClusterSnapshot, InstanceSnapshot
+
+    h = Harness(_engines(3, interval=0.01))
+    h.coordinator.cluster = lambda: ClusterSnapshot(tuple(
+        InstanceSnapshot(e.instance_id, Role.DECODE, kv_blocks_total=100, kv_blocks_free=100)
+        for e in h.engines.values()))
+    outcome = []
+
+    async def on_token(count: int) -> None:
+        if count == 3:
+            outcome.append(asyncio.create_task(h.coordinator.drain("d0", 5.0)))
+
+    tokens = await asyncio.gather(h.run(_request("r1"), on_token), h.run(_request("r2"), _noop))
+    assert await outcome[0] is True
+    assert not h.recovery.streams.on("d0") and h.held() == 0
+    assert all(t == _expected(h.engines["d0"]) for t in tokens)
+    assert {r.outcome for r in h.coordinator.results} == {MigrationOutcome.COMPLETED}
+    assert {r.reason for r in h.coordinator.results} == {MigrationReason.DRAIN}
+
+
+async def _noop(count: int) -> None:
+    return None
