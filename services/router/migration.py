@@ -52,7 +52,7 @@ from pdserve.router.migration_policy import (Migration, MigrationPolicyConfig, M
                                              RunningRequest, decide)
 from pdserve.router.snapshot import ClusterSnapshot
 from pdserve.router.resume import MoveAborted, ResumableStream, Seam, StreamRegistry
-from pdserve.shared.errors import EngineError
+from pdserve.shared.errors import ConfigError, EngineError
 from pdserve.shared.protocol import EngineRequest
 from pdserve.worker.client import EngineClient
 from pdserve.worker.migration import GENERATOR_STEPS_KEY, MigrationOps, migration_ops
@@ -304,3 +304,16 @@ def _migrated(params: Any, generated: int, **extra: Any) -> Any:
     clone = params.clone()
     clone.extra_args = {**(params.extra_args or {}), GENERATOR_STEPS_KEY: generated, **extra}
     return clone
+
+
+def attach(router: Any, config: CoordinatorConfig | None = None, policy: MigrationPolicyConfig | None = None,
+           on_result: Callable[[MigrationResult], None] | None = None) -> MigrationCoordinator:
+    """Give a `controller.Router` live migration: its drains (scaling) then move requests off.
+
+    The router must have a reservation inbox (disaggregated pools) and resumable streams.
+    """
+    if router.inbox is None:
+        raise ConfigError("live migration needs the router's reservation inbox (disaggregated pools)")
+    router.migrator = MigrationCoordinator(router.recovery.streams, router.clients, router.inbox, config,
+                                           on_result=on_result, cluster=router.snapshot, policy=policy)
+    return router.migrator

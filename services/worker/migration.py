@@ -147,8 +147,9 @@ async def worker_call(engine: Any, held: dict[str, str], method: str, request_id
     if engine is None:
         return {"error": "the engine is not running"}
     try:
-        core_id = held[request_id] if method != MIGRATE_STOP and request_id in held else internal_id(engine,
-                                                                                                     request_id)
+        # After the stop the worker may have closed the request's stream (and vLLM forgotten its id).
+        core_id = held.get(request_id) if method != MIGRATE_STOP else None
+        core_id = core_id or internal_id(engine, request_id)
     except MigrationError as exc:
         return {"error": str(exc)}
     answer = await engine.engine_core.call_utility_async(method, core_id, *args)

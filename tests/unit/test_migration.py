@@ -248,3 +248,18 @@ async def test_drain_moves_every_stream_off_the_instance() -> None:
 
 async def _noop(count: int) -> None:
     return None
+
+
+def test_attach_needs_an_inbox_and_sets_the_routers_migrator() -> None:
+    from pdserve.router.controller import Router
+    from pdserve.router.migration import attach
+    from pdserve.router.registry import make_policy
+    from pdserve.shared.errors import ConfigError
+
+    engines = _engines(2)
+    with pytest.raises(ConfigError):
+        attach(Router(engines, make_policy("least_loaded")))
+    router = Router(engines, make_policy("least_loaded"), inbox=Inbox(*engines))
+    coordinator = attach(router)
+    assert router.migrator is coordinator and coordinator.streams is router.recovery.streams
+    assert coordinator.decide() == []  # nothing runs
