@@ -310,6 +310,26 @@ class StreamResumeConfig(_Strict):
                                                       "as failed too.")
 
 
+class MigrationConfig(_Strict):
+    """Live migration of decoding requests between decode instances (`pdserve.router.migration`)."""
+
+    enabled: bool = Field(False, description="Move decoding requests, KV and all, between decode instances: "
+                                             "drains move requests off instead of waiting for them, and the "
+                                             "policy below runs every interval_s. Needs disaggregated pools.")
+    interval_s: float = Field(1.0, gt=0, description="How often the migration policy looks at the cluster.")
+    kv_spread: float = Field(0.3, gt=0, le=1, description="KV-use difference between the most and least used "
+                                                          "decode instances that moves a request (load balance).")
+    tpot_spread: float = Field(1.5, gt=1, description="Slowest/fastest predicted TPOT ratio that moves a request.")
+    preempt_kv_usage: float = Field(0.9, gt=0, le=1, description="KV use at which an instance sheds its "
+                                                                 "shortest requests rather than pre-empt.")
+    headroom_blocks: int = Field(4, ge=0, description="Free KV blocks a target keeps after taking a request.")
+    max_per_instance: int = Field(1, ge=1, description="Concurrent migrations one instance takes part in.")
+    reservation_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the target's block "
+                                                                 "reservation before the source frees its KV.")
+    switch_timeout_s: float = Field(10.0, gt=0, description="Longest wait for the client's stream to reach the "
+                                                            "source's last token before the move is called off.")
+
+
 class RayConfig(_Strict):
     """Where the engine actors run."""
 
@@ -333,6 +353,8 @@ class ServeConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     resume: StreamResumeConfig = Field(default_factory=StreamResumeConfig,
                                        description="Recovery of streams whose instance dies mid-request.")
+    migration: MigrationConfig = Field(default_factory=MigrationConfig,
+                                       description="Live migration of decoding requests (off by default).")
 
     @property
     def publishes_kv_events(self) -> bool:

@@ -52,6 +52,7 @@ from pdserve.router.migration_policy import (Migration, MigrationPolicyConfig, M
                                              RunningRequest, decide)
 from pdserve.router.snapshot import ClusterSnapshot
 from pdserve.router.resume import MoveAborted, ResumableStream, Seam, StreamRegistry
+from pdserve.shared.config import MigrationConfig
 from pdserve.shared.errors import ConfigError, EngineError
 from pdserve.shared.protocol import EngineRequest
 from pdserve.worker.client import EngineClient
@@ -306,14 +307,30 @@ def _migrated(params: Any, generated: int, **extra: Any) -> Any:
     return clone
 
 
-def attach(router: Any, config: CoordinatorConfig | None = None, policy: MigrationPolicyConfig | None = None,
+def attach(router: Any, config: MigrationConfig | None = None,
            on_result: Callable[[MigrationResult], None] | None = None) -> MigrationCoordinator:
     """Give a `controller.Router` live migration: its drains (scaling) then move requests off.
 
     The router must have a reservation inbox (disaggregated pools) and resumable streams.
     """
+    config = config or MigrationConfig(enabled=True)
     if router.inbox is None:
         raise ConfigError("live migration needs the router's reservation inbox (disaggregated pools)")
-    router.migrator = MigrationCoordinator(router.recovery.streams, router.clients, router.inbox, config,
+    coordinator = CoordinatorConfig(reservation_timeout_s=config.reservation_timeout_s,
+                                    switch_timeout_s=config.switch_timeout_s)
+    policy = MigrationPolicyConfig(kv_spread=config.kv_spread, tpot_spread=config.tpot_spread,
+                                   preempt_kv_usage=config.preempt_kv_usage, headroom_blocks=config.headroom_blocks,
+                                   max_per_instance=config.max_per_instance)
+    router.migrator = MigrationCoordinator(router.recovery.streams, router.clients, router.inbox, coordinator,
                                            on_result=on_result, cluster=router.snapshot, policy=policy)
     return router.migrator
+
+
+async def run_policy(router: Any, interval_s: float) -> None:
+    """Every `interval_s`: the policy's migrations for the router's cluster (a task the server owns)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        migrator: MigrationCoordinator = router.migrator
+        moves = migrator.decide(frozenset(router.draining))
+        if moves:
+            await migrator.apply(moves)

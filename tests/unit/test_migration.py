@@ -254,12 +254,39 @@ def test_attach_needs_an_inbox_and_sets_the_routers_migrator() -> None:
     from pdserve.router.controller import Router
     from pdserve.router.migration import attach
     from pdserve.router.registry import make_policy
+    from pdserve.shared.config import MigrationConfig, ServeConfig
     from pdserve.shared.errors import ConfigError
+
+    assert ServeConfig().migration.enabled is False  # off unless asked for
 
     engines = _engines(2)
     with pytest.raises(ConfigError):
         attach(Router(engines, make_policy("least_loaded")))
     router = Router(engines, make_policy("least_loaded"), inbox=Inbox(*engines))
-    coordinator = attach(router)
+    coordinator = attach(router, MigrationConfig(enabled=True, kv_spread=0.5, reservation_timeout_s=3.0))
     assert router.migrator is coordinator and coordinator.streams is router.recovery.streams
+    assert coordinator.policy.kv_spread == 0.5 and coordinator.config.reservation_timeout_s == 3.0
     assert coordinator.decide() == []  # nothing runs
+
+
+async def test_run_policy_applies_the_policys_moves_each_interval() -> None:
+    from types import SimpleNamespace
+
+    from pdserve.router.migration import run_policy
+    from pdserve.router.migration_policy import Migration
+
+    applied, asked = [], []
+
+    class Migrator:
+        def decide(self, draining):
+            asked.append(draining)
+            return [Migration("r", "d0", "d1", MigrationReason.DRAIN)] if len(asked) == 2 else []
+
+        async def apply(self, moves):
+            applied.extend(moves)
+
+    task = asyncio.create_task(run_policy(SimpleNamespace(migrator=Migrator(), draining={"d0"}), 0.01))
+    while len(asked) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert asked[0] == frozenset({"d0"}) and [m.request_id for m in applied] == ["r"]
