@@ -63,6 +63,12 @@ class Measured:
     output: int
     ttft: float
     gaps: tuple[float, ...]
+    index: int = -1  # bench's request index (which prompt text it got)
+    cached: int = 0  # prompt tokens already in the server's prefix cache (`cached_tokens`)
+
+    @property
+    def computed(self) -> int:
+        return self.prompt - min(self.cached, self.prompt - 1)
 
     @property
     def first_token(self) -> float:
@@ -87,10 +93,33 @@ def read_requests(run_dir: Path) -> list[Measured]:
     except OSError as exc:
         raise TraceError(f"cannot read {path}: {exc}") from None
     out = [Measured(float(r["start_s"]), int(r["prompt_tokens"]), int(r["output_tokens"]), float(r["ttft_ms"]) / 1000,
-                    tuple(float(g) / 1000 for g in (r.get("itl_ms") or "").split())) for r in rows]
+                    tuple(float(g) / 1000 for g in (r.get("itl_ms") or "").split()), int(r.get("index") or -1))
+           for r in rows]
     if not out:
         raise TraceError(f"{path}: no successful requests")
     return sorted(out, key=lambda m: m.start)
+
+
+def cached_tokens(prompts: dict[int, int], prior_runs: list[Path], block_size: int = 16) -> dict[int, int]:
+    """Prompt tokens of each request (bench index -> prompt tokens) an earlier run left in the prefix cache.
+
+    `pdserve bench` builds prompt i from (seed, i): with the same seed, prompt i of one run and
+    prompt i of another are the same words, one a prefix of the other. On a server with prefix
+    caching (vLLM's default) the later one finds the common part, in whole blocks, cached.
+    """
+    seen: dict[int, int] = {}
+    for run in prior_runs:
+        with open(Path(run) / "requests.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                if r["success"] == "1":
+                    i = int(r["index"])
+                    seen[i] = max(seen.get(i, 0), int(r["prompt_tokens"]))
+    return {i: min(p, seen.get(i, 0)) // block_size * block_size for i, p in prompts.items()}
+
+
+def with_cache(requests: list[Measured], prior_runs: list[Path]) -> list[Measured]:
+    hits = cached_tokens({m.index: m.prompt for m in requests}, prior_runs)
+    return [Measured(m.start, m.prompt, m.output, m.ttft, m.gaps, m.index, hits.get(m.index, 0)) for m in requests]
 
 
 def theil_sen(xs: list[float], ys: list[float], min_slope: float = 0.0) -> tuple[float, float]:
@@ -231,8 +260,8 @@ def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: l
     probes = [m for m in probes if m.streamed]
     base, per_ctx, d_points = _decode_batch1(probes, split)
     # TTFT = dispatch + steps x base + per_token x prompt: a line in prompt once the step bases are taken off
-    xs = [float(m.prompt) for m in probes]
-    ys = [m.ttft - prefill_steps(m.prompt, budget) * base for m in probes]
+    xs = [float(m.computed) for m in probes]
+    ys = [m.ttft - prefill_steps(m.computed, budget) * base for m in probes]
     dispatch, per_token = theil_sen(xs, ys)
     handoff = 0.0
     if split:
@@ -245,8 +274,9 @@ def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: l
         per_request = _batch_slope_from_profile(shape_profile, base) if shape_profile else 0.0
         source = f"shape of {shape_profile}"
     fit = {"probes": len(probes), "burst_probes_left_out": bursts, "per_request_source": source,
-           "ttft_residuals_ms": [round((m.ttft - dispatch - prefill_steps(m.prompt, budget) * base
-                                        - per_token * m.prompt) * 1000, 1) for m in probes],
+           "ttft_residuals_ms": [round((m.ttft - dispatch - prefill_steps(m.computed, budget) * base
+                                        - per_token * m.computed) * 1000, 1) for m in probes],
+           "prefix_cached_tokens": sum(m.cached for m in probes),
            "decode_points_ms": [[round(c), round(t * 1000, 2)] for c, t in d_points]}
     return Calibration(design, budget, base, per_ctx, per_request, per_token, max(dispatch, 0.0), handoff,
                        kv_bytes_per_token, fit=fit)
@@ -255,7 +285,7 @@ def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: l
 SERIAL_GRID = tuple(k / 10 for k in range(11))
 
 
-def fit_serial(cal: Calibration, replay_dir: Path) -> Calibration:
+def fit_serial(cal: Calibration, replay_dir: Path, prior_runs: list[Path] | None = None) -> Calibration:
     """Which share of the TTFT intercept is engine time on the prefill instance (serial) rather than delay.
 
     Isolated probes cannot tell a fixed delay from a fixed engine cost; load can: engine time
@@ -268,7 +298,7 @@ def fit_serial(cal: Calibration, replay_dir: Path) -> Calibration:
     for share in SERIAL_GRID:
         trial = Calibration(**{**asdict(cal), "serial_s": share * cal.dispatch_s})
         out = compare(Path(replay_dir), trial.perf_model(), "live", "live", default_pools(cal.design), 1_000_000,
-                      "least_loaded", calibrated_config(trial))
+                      "least_loaded", calibrated_config(trial), prior_runs=prior_runs)
         pct = out["percentiles"]
         scores[share] = statistics.fmean(abs(math.log(max(pct[k]["simulated_ms"], 1e-9) / pct[k]["measured_ms"]))
                                          for k in ("ttft_p50", "ttft_p90"))
@@ -292,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    "request in the batch, and (with --fit-serial) which share of "
                                                    "the TTFT intercept is prefill-engine time.")
     parser.add_argument("--fit-serial", action="store_true", help="Fit the serial share on --replay.")
+    parser.add_argument("--prior", type=Path, nargs="*", default=[],
+                        help="Runs the same server served before the probes (same bench seed): their prompts are "
+                             "prefixes of the probes' and sit in the prefix cache.")
+    parser.add_argument("--replay-prior", type=Path, nargs="*", default=None,
+                        help="Runs before --replay (default: --prior and the probes).")
     parser.add_argument("--budget", type=int, default=2048, help="vLLM's max_num_batched_tokens (default 2048).")
     parser.add_argument("--shape-profile", type=Path, default=DEMO_PROFILE,
                         help="Offline profile whose batch sweep gives the per-request cost without --replay.")
@@ -302,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hardware", default="cpu-live")
     args = parser.parse_args(argv)
     try:
-        cal = calibrate(read_requests(args.probes), args.design, args.budget,
-                        read_requests(args.replay) if args.replay else None, args.shape_profile,
-                        args.kv_bytes_per_token)
+        replay_prior = args.replay_prior if args.replay_prior is not None else [*args.prior, args.probes]
+        cal = calibrate(with_cache(read_requests(args.probes), args.prior), args.design, args.budget,
+                        with_cache(read_requests(args.replay), replay_prior) if args.replay else None,
+                        args.shape_profile, args.kv_bytes_per_token)
         if args.fit_serial and args.replay:
-            cal = fit_serial(cal, args.replay)
+            cal = fit_serial(cal, args.replay, replay_prior)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

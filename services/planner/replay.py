@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.planner.errors import PlannerError, SpecError, TraceError
-from pdserve.planner.calibrate import Calibration
+from pdserve.planner.calibrate import Calibration, cached_tokens
 from pdserve.planner.perf_model import DECODE_MODELS, PerfModel, ProfileSet
 from pdserve.planner.simulator import InstanceSpec, SimConfig, Simulator
 from pdserve.planner.trace import Trace
@@ -62,6 +62,7 @@ def read_run(run_dir: Path, rejected: bool = False) -> tuple[Trace, dict[str, np
         "ttft": np.array([float(r["ttft_ms"]) / 1000 if r["ttft_ms"] else np.nan for r in rows]),
         "tpot": np.array([float(r["tpot_ms"]) / 1000 if r["tpot_ms"] else np.nan for r in rows]),
         "ok": ok, "met_slo": np.array([r.get("met_slo") in ("1", "True", "true") for r in rows]),
+        "index": [int(r.get("index") or k) for k, r in enumerate(rows)],
     }
     return trace, measured
 
@@ -78,14 +79,20 @@ def parse_pools(text: str) -> dict[Role, int]:
 
 
 def compare(run_dir: Path, profiles: ProfileSet | PerfModel, model: str, hardware: str, pools: dict[Role, int],
-            kv_tokens: int, policy: str | PlacementPolicy, config: SimConfig, slo: RequestSlo | None = None) -> dict:
+            kv_tokens: int, policy: str | PlacementPolicy, config: SimConfig, slo: RequestSlo | None = None,
+            prior_runs: list[Path] | None = None) -> dict:
     """Measured vs simulated percentiles; with `slo` (sent with every request, as `bench --slo-send`)
     the refused requests are replayed too, and goodput (requests within both targets) is compared."""
     trace, measured = read_run(run_dir, rejected=slo is not None)
     perf = profiles if isinstance(profiles, PerfModel) else profiles.get(model, hardware)
     instances = [InstanceSpec(f"{role.value}-{i}", role, hardware, perf, kv_tokens)
                  for role, n in pools.items() for i in range(n)]
-    res = Simulator(instances, make_policy(policy) if isinstance(policy, str) else policy, config).run(trace, slos=slo)
+    cached = None
+    if prior_runs:  # the same server served these first: their prompts are prefixes of this run's (same seed)
+        hits = cached_tokens(dict(zip(measured["index"], trace.prompt.tolist())), prior_runs, config.block_size)
+        cached = [hits[i] for i in measured["index"]]
+    res = Simulator(instances, make_policy(policy) if isinstance(policy, str) else policy, config).run(
+        trace, slos=slo, cached=cached)
     simulated = {"ttft": res.ttft, "tpot": res.tpot}
     table = {}
     for metric in ("ttft", "tpot"):
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ttft-ms", type=float, help="With --slo-tpot-ms: the SLO the run sent with every "
                                                            "request (`bench --slo-send`); compares goodput too.")
     parser.add_argument("--slo-tpot-ms", type=float)
+    parser.add_argument("--prior", type=Path, nargs="*", default=[],
+                        help="Runs the same server served before this one with the same bench seed: their prompts "
+                             "are prefixes of this run's and sit in the prefix cache.")
     parser.add_argument("--json", type=Path, help="Also write the comparison here.")
     args = parser.parse_args(argv)
     try:
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError("give --profile or --calibration")
         slo = RequestSlo(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, Priority.INTERACTIVE) \
             if args.slo_ttft_ms and args.slo_tpot_ms else None
-        out = compare(args.run_dir, perf, args.model, args.hardware, pools, args.kv_tokens, args.policy, cfg, slo)
+        out = compare(args.run_dir, perf, args.model, args.hardware, pools, args.kv_tokens, args.policy, cfg, slo,
+                      args.prior)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

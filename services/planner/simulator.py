@@ -98,11 +98,12 @@ class Simulator:
         heapq.heappush(self.events, (t, self.seq, kind, a, b))
 
     def run(self, trace: Trace, sessions: Sessions | None = None,
-            slos: RequestSlo | list[RequestSlo | None] | None = None) -> SimResult:
+            slos: RequestSlo | list[RequestSlo | None] | None = None, cached: list[int] | None = None) -> SimResult:
         """Simulate the trace; with `sessions`, every instance has a prefix cache (`prefix_cache`).
 
         `slos`: each request's SLO as a client sends it (one for all, or one per request; None:
-        the policy's defaults).
+        the policy's defaults). `cached`: prompt tokens of each request already in every
+        instance's prefix cache when the run starts (earlier runs on the same server).
         """
         wall0 = time.perf_counter()
         n = len(trace)
@@ -112,6 +113,8 @@ class Simulator:
         self.session = sessions.session.tolist() if sessions is not None else [-1] * n
         self.shared = sessions.shared.tolist() if sessions is not None else [0] * n
         self.compute = list(self.prompt)  # prompt tokens the prefill instance computes
+        if cached is not None:  # vLLM computes at least the prompt's last token
+            self.compute = [p - min(c, p - 1) for p, c in zip(self.prompt, cached)]
         self.done = [0] * n  # chunked prefill: prompt tokens computed so far
         self.prefill_start = [0.0] * n  # when the request's first prefill chunk started
         self.kv_sent = [0] * n

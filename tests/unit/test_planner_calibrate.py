@@ -93,7 +93,8 @@ def _write_run(run, rows):
         w = csv.DictWriter(f, fieldnames=("index", "start_s", "prompt_tokens", "max_tokens", "output_tokens", "success",
                                           "ttft_ms", "tpot_ms", "itl_ms"))
         w.writeheader()
-        for i, m in enumerate(rows):
+        for k, m in enumerate(rows):
+            i = m.index if m.index >= 0 else k
             tpot = sum(m.gaps) / len(m.gaps) * 1000
             w.writerow(dict(index=i, start_s=m.start, prompt_tokens=m.prompt, max_tokens=m.output,
                             output_tokens=m.output, success=1, ttft_ms=m.ttft * 1000, tpot_ms=tpot,
@@ -151,3 +152,14 @@ def test_a_loaded_replay_tells_engine_time_from_delay(tmp_path):
                 for a, p, o, t, g in zip(arrival, prompt, output, res.ttft, res.tpot)]
         run = _write_run(tmp_path / f"share{share}", rows)
         assert fit_serial(cal, run).fit["serial_share"] == share
+
+
+def test_prompts_an_earlier_run_sent_are_in_the_prefix_cache(tmp_path):
+    # bench builds prompt i from (seed, i): an earlier run's prompt i is a prefix of this run's
+    from pdserve.planner.calibrate import cached_tokens, with_cache
+
+    early = _write_run(tmp_path / "warmup", [Measured(0.0, 300, 8, 0.1, (0.01,) * 7, 0),
+                                              Measured(1.0, 900, 8, 0.1, (0.01,) * 7, 1)])
+    assert cached_tokens({0: 2000, 1: 401, 2: 500}, [early]) == {0: 288, 1: 400, 2: 0}  # whole 16-token blocks
+    hit = with_cache([Measured(0.0, 401, 8, 0.05, (0.01,) * 7, 1)], [early])[0]
+    assert hit.cached == 400 and hit.computed == 1

@@ -172,3 +172,11 @@ def test_per_prompt_engine_time_is_serial_on_the_prefill_instance():
     # a chunk that does not finish its prompt pays nothing: 150 tokens in budget 100 -> 1.0, then 0.5 + 0.2
     _, res = run(split(), trace([0.0], [150], [1]), chunked_prefill=True, max_prefill_tokens=100, overheads=over)
     np.testing.assert_allclose(res.first_token, [1.7])
+
+
+def test_cached_prompt_tokens_are_not_prefilled():
+    # r0's 150 tokens, 140 of them in the prefix cache: 10 computed -> 0.1 s
+    _, res = run(mixed(), trace([0.0], [150], [1]), chunked_prefill=True)
+    np.testing.assert_allclose(res.first_token, [1.5])
+    sim = Simulator(mixed(), make_policy("round_robin"), SimConfig(chunked_prefill=True, link=NO_TRANSFER))
+    np.testing.assert_allclose(sim.run(trace([0.0], [150], [1]), cached=[140]).first_token, [0.1])
