@@ -214,14 +214,22 @@ def _decode_batch1(probes: list[Measured], split: bool) -> tuple[float, float, l
     return base, per_ctx, list(zip(xs, ys))
 
 
-def _batch_slope_from_replay(replay: list[Measured], base: float, per_ctx: float) -> tuple[float, int]:
-    """Per-request cost: mean gap minus the batch-1 line, against the mean batch beside each request."""
+def _batch_slope_from_replay(replay: list[Measured], base: float, per_ctx: float,
+                             stalls: bool = False) -> tuple[float, int]:
+    """Per-request cost: mean gap minus the batch-1 line, against the mean batch beside each request.
+
+    `stalls` (colocated): a request's gaps include the prefill steps it rode through, which the
+    simulator adds itself; gaps over 3x the request's median are those and are left out.
+    """
     xs, ys = [], []
     spans = [(m.first_token, m.finish) for m in replay]
     for m in replay:
         rest = m.gaps[1:]
         if len(rest) < 4 or not m.streamed:
             continue
+        if stalls:
+            cut = 3 * sorted(rest)[len(rest) // 2]
+            rest = tuple(g for g in rest if g <= cut) or rest
         t0, t1 = m.first_token + m.gaps[0], m.finish
         if t1 <= t0:
             continue
@@ -268,7 +276,7 @@ def calibrate(probes: list[Measured], design: str, budget: int = 2048, replay: l
         first = [m.gaps[0] - 2 * (base + per_ctx * m.prompt) for m in probes if m.gaps]
         handoff = max(statistics.median(first), 0.0) if first else 0.0
     if replay:
-        per_request, used = _batch_slope_from_replay(replay, base, per_ctx)
+        per_request, used = _batch_slope_from_replay(replay, base, per_ctx, stalls=not split)
         source = f"replay ({used} requests)"
     else:
         per_request = _batch_slope_from_profile(shape_profile, base) if shape_profile else 0.0

@@ -163,3 +163,14 @@ def test_prompts_an_earlier_run_sent_are_in_the_prefix_cache(tmp_path):
     assert cached_tokens({0: 2000, 1: 401, 2: 500}, [early]) == {0: 288, 1: 400, 2: 0}  # whole 16-token blocks
     hit = with_cache([Measured(0.0, 401, 8, 0.05, (0.01,) * 7, 1)], [early])[0]
     assert hit.cached == 400 and hit.computed == 1
+
+
+def test_colocated_replay_slope_leaves_the_prefill_stalls_out():
+    # the same three requests, each riding through two 0.5 s prefill steps: colocated, the stalls
+    # are the simulator's own to add, so the per-request cost is what the plain steps say
+    step = BASE + 2 * PER_REQ + PER_CTX * (500 + 50)
+    gaps = (0.05,) + (step,) * 48 + (0.5,) + (step,) * 48 + (0.5,)
+    replay = [Measured(0.0, 500, 100, 0.1, gaps) for _ in range(3)]
+    assert calibrate(probes(split=False), "colocated", replay=replay).decode_per_request_s == pytest.approx(
+        PER_REQ, rel=0.05)
+    assert calibrate(probes(), "disaggregated", replay=replay).decode_per_request_s > 2 * PER_REQ
