@@ -146,7 +146,9 @@ class PoolsConfig(_Strict):
     bind_cores: bool = Field(
         True, description="CPU instances on a local Ray bind their compute threads to cores of their own "
                           "(cpus_per_instance each, in instance order), so a prefill and a decode instance never "
-                          "share a core; off: vLLM's own binding (each engine takes what it sees).")
+                          "share a core; the cores left over are the front end's (gateway, Ray's daemons, "
+                          "engine schedulers are pinned there); off: vLLM's own binding (each engine takes "
+                          "what it sees).")
 
     @field_validator("mixed", "prefill", "decode", mode="before")
     @classmethod
