@@ -26,6 +26,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 port="${RAY_PORT:-6379}"
 
+# Ray starts workers at niceness 15 by default: the engines (Ray actors) would lose their cores to any
+# other process on the machine. pdserve serves at normal priority, as vLLM's own server does.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
+
 run() {
   if [[ "${DRY_RUN:-}" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
 }

@@ -58,8 +58,9 @@ def frame(obj: Any) -> bytes:
 class OutputChannel:
     """Actor side: serves the outbox's batches to the one connected reader."""
 
-    def __init__(self, outbox: asyncio.Queue, host: str) -> None:
+    def __init__(self, outbox: asyncio.Queue, host: str, port_range: tuple[int, int] | None = None) -> None:
         self.outbox, self.host = outbox, host
+        self.port_range = port_range  # firewalls between Ray nodes often open only a range (kv_transfer.port_range)
         self.secret = secrets.token_hex(16)
         self._server: asyncio.base_events.Server | None = None
         self._current: asyncio.Task | None = None  # the connection being served
@@ -67,7 +68,9 @@ class OutputChannel:
 
     async def start(self) -> ChannelAddress:
         if self._server is None:
-            self._server = await asyncio.start_server(self._serve, self.host, 0)
+            from pdserve.kv_transfer.ports import listen
+
+            self._server = await asyncio.start_server(self._serve, sock=listen(self.host, self.port_range))
             self.port = self._server.sockets[0].getsockname()[1]
         return self.address
 

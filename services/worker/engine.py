@@ -360,7 +360,7 @@ class EngineWorker:
         if self._outbox is None:
             raise RuntimeError(f"instance {self.instance_id} is not started")
         if self._channel is None:
-            self._channel = OutputChannel(self._outbox, node_address())
+            self._channel = OutputChannel(self._outbox, node_address(), self.kv.port_range if self.kv else None)
         return await self._channel.start()
 
     async def outputs(self) -> AsyncIterator[list[OutputDelta]]:

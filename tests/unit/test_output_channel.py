@@ -34,6 +34,21 @@ async def test_batches_cross_the_channel_whole_and_in_order():
     await channel.close()
 
 
+async def test_the_channel_listens_inside_the_configured_port_range():
+    from pdserve.kv_transfer.ports import listen
+
+    taken = listen("127.0.0.1", None)  # a port someone else holds: the channel takes the next one
+    low = taken.getsockname()[1]
+    channels = [OutputChannel(asyncio.Queue(), "127.0.0.1", (low, low + 20)) for _ in range(2)]
+    try:
+        ports = [(await c.start()).port for c in channels]
+        assert len(set(ports)) == 2 and all(low < p <= low + 20 for p in ports)
+    finally:
+        taken.close()
+        for c in channels:
+            await c.close()
+
+
 async def test_a_wrong_secret_is_refused_and_a_closed_channel_ends_the_reader():
     outbox: asyncio.Queue = asyncio.Queue()
     channel = OutputChannel(outbox, "127.0.0.1")

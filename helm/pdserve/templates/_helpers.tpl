@@ -91,6 +91,9 @@ instances land on its own pods), and its own vLLM engine arguments.
 {{- define "pdserve.env" -}}
 - name: RAY_AUTH_MODE
   value: {{ .Values.ray.auth.mode | quote }}
+# Ray starts workers at niceness 15 by default: a niced engine loses its cores to anything else runnable.
+- name: RAY_worker_niceness
+  value: "0"
 {{- with .Values.common.env }}
 {{ toYaml . }}
 {{- end }}
