@@ -121,3 +121,28 @@ def test_worker_sends_stored_blocks_into_the_targets_and_frees_both_ways() -> No
     finally:
         source.shutdown()
         target.shutdown()
+
+
+@pytest.mark.parametrize("fp64", [False, True])
+def test_advancing_a_seeded_generator_resumes_vllms_cpu_sampler_where_it_was(fp64: bool) -> None:
+    """The target's generator, advanced by the steps the source sampled, samples what the source would."""
+    pytest.importorskip("vllm")
+    import vllm._custom_ops  # noqa: F401 - registers the CPU sampler's fused kernel
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    from pdserve.worker.migration import _advance
+
+    sampler = TopKTopPSampler()
+    sampler.use_fp64_gumbel = fp64
+    logits = torch.randn(1, 512, generator=torch.Generator().manual_seed(0))
+
+    def sample(generator: torch.Generator) -> int:
+        return int(sampler.forward_cpu(logits.clone(), {0: generator}, None, None)[0][0])
+
+    source = torch.Generator().manual_seed(7)
+    unmoved = [sample(source) for _ in range(8)]
+    target = torch.Generator().manual_seed(7)
+    _advance(target, 5, fp64, 512)
+    assert [sample(target) for _ in range(3)] == unmoved[5:]
+    fresh = torch.Generator().manual_seed(7)
+    assert [sample(fresh) for _ in range(3)] != unmoved[5:]  # without the catch-up it differs
