@@ -88,9 +88,14 @@ class AdmissionQueue:
     async def admit(self, request: RequestInfo, attempt: Callable[[RequestInfo], "Route"],
                     abandon: Callable[["Route"], None] | None = None) -> "Route":
         """A route for `request` from `attempt` (which raises `PlacementRejected`), now or after a wait."""
-        slo = request.slo or self.config.resolve()
-        request = dataclasses.replace(request, slo=slo)
         now = self.clock()
+        slo = request.slo or self.config.resolve()
+        # Time since it arrived at the gateway (tokenizing, a backlog before the handler ran) is
+        # TTFT already spent: the placement, the wait and the forecast get only what is left.
+        spent = now - request.arrival_time if 0 < request.arrival_time <= now else 0.0
+        slo = dataclasses.replace(slo, ttft_s=max(slo.ttft_s - spent, min(slo.ttft_s, _MIN_BUDGET_S))) \
+            if spent > 0 else slo
+        request = dataclasses.replace(request, slo=slo)
         rejection = None
         if not self._ahead(slo.priority):
             try:

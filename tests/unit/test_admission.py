@@ -259,3 +259,22 @@ async def test_without_a_forecast_a_request_waits_as_before():
     with pytest.raises(SloRejectedError) as err:
         await q.admit(req("a"), Cluster(reason=R.TPOT_UNMET, slots=None).attempt)
     assert err.value.reason is R.QUEUE_DEADLINE
+
+
+async def test_time_spent_before_admission_comes_off_the_ttft_budget():
+    q, _ = queue(slo_margin=0.0)
+    seen = []
+
+    def attempt(request):
+        seen.append(request.slo.ttft_s)
+        raise PlacementRejected(Rejection(request.request_id, "scripted", code=R.TPOT_UNMET, slots_in_s=(0.5,)),
+                                request)
+    late = RequestInfo("a", 10, 10, arrival_time=time.monotonic() - 1.8, slo=RequestSlo(2.0, 0.1))
+    with pytest.raises(SloRejectedError):  # 1.8 s of its 2 s went before the router: a 0.5 s slot is too late
+        await q.admit(late, attempt)
+    assert seen[0] == pytest.approx(0.2, abs=0.05)
+    fresh = RequestInfo("b", 10, 10, arrival_time=time.monotonic(), slo=RequestSlo(2.0, 0.1))
+    task = asyncio.create_task(q.admit(fresh, attempt))  # 0.5 s of 2 s: it waits for its slot
+    await asyncio.sleep(0.01)
+    assert q.depth(Priority.INTERACTIVE) == 1
+    task.cancel()
