@@ -331,8 +331,8 @@ def test_a_dead_decode_costs_latency_not_requests_eight_greedy_streams(server, d
         streams = [pool.submit(_stream, server, {"prompt": p, **greedy, "stream_options": {"include_usage": True}},
                                counted(i)) for i, p in enumerate(prompts)]
         # The server is far ahead of these clients: wait on its state, not on the chunks read.
-        _wait(lambda: min(chunks) >= 1 and sum(s["in_flight"] for iid, s in _instances(server).items()
-                                               if iid.startswith("decode-")) == 8, 120, "8 streams decoding", 0.01)
+        _wait(lambda: sum(s["in_flight"] for iid, s in _instances(server).items()
+                          if iid.startswith("decode-")) >= 4, 120, "the streams decoding", 0.01)
         # The decode instance holding more streams is held still (SIGSTOP) so that the kill lands mid-decode
         # however fast the machine, then killed once a fresh stats poll shows what it holds.
         held = {iid: s["in_flight"] for iid, s in _instances(server).items() if iid.startswith("decode-")}
