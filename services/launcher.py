@@ -165,11 +165,18 @@ def serve(config: ServeConfig) -> int:
                         reservation_timeout_s=config.kv_transfer.reservation_timeout_s,
                         transfer_timeout_s=config.kv_transfer.transfer_timeout_s)
         router.recovery.config = config.resume
+        migration_interval_s = None
+        if config.migration.enabled:
+            from pdserve.router.migration import attach
+
+            attach(router, config.migration, on_result=metrics.observe_migration)
+            migration_interval_s = config.migration.interval_s
         api_key = config.gateway.api_key.get_secret_value() if config.gateway.api_key else None
         scaler = Scaler(router, pools.factory, disaggregated=inbox is not None,
                         drain_timeout_s=config.pools.drain_timeout_s)
         state = GatewayState(model, router, metrics, api_key=api_key,
-                             stats_interval_s=config.gateway.stats_interval_s, scaler=scaler, slo=config.slo)
+                             stats_interval_s=config.gateway.stats_interval_s, scaler=scaler, slo=config.slo,
+                             migration_interval_s=migration_interval_s)
         server = GatewayServer(create_app(state), config.gateway.host, config.gateway.port,
                                config.gateway.log_level)
         # uvicorn handles SIGINT/SIGTERM while serving, then re-raises the signal

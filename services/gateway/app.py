@@ -11,6 +11,7 @@ logic (that is the router's).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -52,6 +53,7 @@ class GatewayState:
     scaler: Scaler | None = None  # adds and removes instances while serving (`/admin/scale`)
     slo: SloRoutingConfig = field(default_factory=SloRoutingConfig)  # per-class defaults requests override
     slo_metrics: SloMetrics | None = None  # default: on the gateway's registry, fed by router and admission
+    migration_interval_s: float | None = None  # run the router's migration policy this often (None: never)
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -59,7 +61,16 @@ def create_app(state: GatewayState) -> FastAPI:
     async def lifespan(app: FastAPI):
         await state.router.refresh()
         state.router.start(state.stats_interval_s)
+        policy = None
+        if state.migration_interval_s is not None and getattr(state.router, "migrator", None) is not None:
+            from pdserve.router.migration import run_policy
+
+            policy = asyncio.create_task(run_policy(state.router, state.migration_interval_s))
         yield
+        if policy is not None:
+            policy.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await policy
         if state.scaler is not None:
             await state.scaler.close()
         await state.router.close()

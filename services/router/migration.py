@@ -123,6 +123,7 @@ class MigrationCoordinator:
         self.on_result = on_result  # metrics
         self.in_flight: dict[str, tuple[str, str]] = {}  # request -> (source, target)
         self.results: list[MigrationResult] = []  # the latest ones (bounded)
+        self.policy_errors = 0  # policy rounds that raised (run_policy logs each and goes on)
         self._ids = itertools.count(1)
 
     # -- what the policy reads ------------------------------------------------------------------
@@ -331,6 +332,12 @@ async def run_policy(router: Any, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         migrator: MigrationCoordinator = router.migrator
-        moves = migrator.decide(frozenset(router.draining))
-        if moves:
-            await migrator.apply(moves)
+        try:
+            moves = migrator.decide(frozenset(router.draining))
+            if moves:
+                await migrator.apply(moves)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one bad round must not end the loop for the server's lifetime
+            migrator.policy_errors += 1
+            logger.exception("migration policy round failed (%d so far)", migrator.policy_errors)

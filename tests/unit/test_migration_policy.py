@@ -100,3 +100,34 @@ def test_claimed_blocks_count_against_the_target_within_one_call() -> None:
     assert len(out) == 3  # 3 x 30 + 4 headroom fits 100
     tight = decide(snap, MigrationPolicyConfig(max_per_instance=5, headroom_blocks=11))
     assert len(tight) == 2  # a third would leave fewer than 11 free
+
+
+async def test_the_policy_loop_survives_a_failing_round_and_applies_the_next():
+    import asyncio
+    import types
+
+    from pdserve.router.migration import run_policy
+
+    applied: list[list[str]] = []
+    rounds = iter([RuntimeError("snapshot broke"), ["move-1"]])
+
+    class Migrator:
+        policy_errors = 0
+
+        def decide(self, draining):
+            outcome = next(rounds, [])
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        async def apply(self, moves):
+            applied.append(moves)
+
+    router = types.SimpleNamespace(migrator=Migrator(), draining=set())
+    loop = asyncio.create_task(run_policy(router, 0.01))
+    for _ in range(200):
+        if applied:
+            break
+        await asyncio.sleep(0.01)
+    loop.cancel()
+    assert applied == [["move-1"]] and router.migrator.policy_errors == 1
