@@ -33,14 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from pdserve.serve_process import free_port
+from pdserve.serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "services" / "demo_model"
 NAME = "demo_model"
-START_TIMEOUT_S = 600
 
 PDSERVE = {"colocated": ["--mode", "colocated"], "disagg": [], "colocated2": ["--mode", "colocated", "--mixed", "2"]}
 COLUMNS = [  # (label, result key, format)
@@ -67,45 +64,24 @@ def server_command(kind: str, port: int, args: argparse.Namespace) -> list[str]:
             *PDSERVE[kind], *args.pdserve_arg]
 
 
-class Server:
+class Server(ServeProcess):
     """One server in its own session (its whole process tree is signalled at the end), log in a file."""
 
     def __init__(self, kind: str, args: argparse.Namespace, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log, "w")
         extra = dict(item.split("=", 1) for label, item in args.server_env if label == kind)
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
-        self.proc = subprocess.Popen(server_command(kind, self.port, args), stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s; see {self.log.name}")
+        super().__init__([], log, extra, command=lambda port: server_command(kind, port, args))
 
     def stop(self, timeout_s: float = 90) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=timeout_s)
+            self.terminate(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+            pass
         # vLLM's engine core or Ray's daemons can outlive their parent: the session goes whole.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.log.close()
+        self.proc.wait(timeout=30)
 
 
 def bench_command(url: str, out: Path, label: str, args: argparse.Namespace) -> list[str]:

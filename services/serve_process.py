@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -37,29 +38,31 @@ def free_port() -> int:
 class ServeProcess:
     """`pdserve serve` in a subprocess, with its log in a file."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 command: Callable[[int], list[str]] | None = None) -> None:
+        """`command(port)`, when given, is another server's whole command line (benchmarks: `vllm serve`)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve", "serve", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
+        argv = command(self.port) if command else [sys.executable, "-m", "pdserve", "serve",
+                                                   "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"pdserve serve exited with {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise RuntimeError(f"pdserve serve not ready after {START_TIMEOUT_S} s:\n{self.tail()}")
+        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.tail()}")
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
