@@ -62,7 +62,7 @@ def create_app(state: GatewayState) -> FastAPI:
         await state.router.refresh()
         state.router.start(state.stats_interval_s)
         policy = None
-        if state.migration_interval_s is not None and getattr(state.router, "migrator", None) is not None:
+        if state.migration_interval_s is not None and state.router.migrator is not None:
             from pdserve.router.migration import run_policy
 
             policy = asyncio.create_task(run_policy(state.router, state.migration_interval_s))

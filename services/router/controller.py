@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from pdserve.router.accounting import Ledger, Ticket
 from pdserve.router.admission import AdmissionQueue, PlacementRejected
@@ -82,6 +82,7 @@ class Router:
         self.handoff_counters: dict[str, int] = {}
         # Streams whose instance dies go on elsewhere (router.resume); its config is set by the launcher.
         self.recovery = StreamRecovery()
+        self.migrator: Any = None  # router.migration.MigrationCoordinator, set by migration.attach()
         self._on_stats = on_stats
         self._stats: dict[str, EngineStats] = {}
         self.ledger = Ledger()

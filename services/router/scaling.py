@@ -171,7 +171,7 @@ class Scaler:
     async def _remove(self, iid: str) -> None:
         # Live migration on (router.migration): its requests move off instead of finishing there. The
         # ledger still counts moved requests on this instance, so its wait is skipped once all moved.
-        migrator = getattr(self.router, "migrator", None)
+        migrator = self.router.migrator
         moved_all = migrator is not None and await migrator.drain(iid, self.drain_timeout_s)
         if not moved_all and not await self.router.drain(iid, self.drain_timeout_s):
             self.counters["drain_timeouts"] += 1
