@@ -60,6 +60,9 @@ class Metrics:
                                 labels + ["kind"], registry=r)
         self.kv_bytes = Gauge("pdserve:kv_transfer_bytes", "KV-cache bytes an instance has sent since start.",
                               labels, registry=r)
+        self.orphans = Counter("pdserve:engine_orphans_aborted", "Engine-core requests the engine's front end "
+                               "had forgotten (no one reads or aborts them), found by the worker and aborted.",
+                               labels, registry=r)
         self.restarts = Counter("pdserve:engine_restarts", "Engines the controller restarted after they died.",
                                 labels, registry=r)
         self.prefix_queries = Counter(
@@ -151,6 +154,7 @@ class Metrics:
         self.waiting.labels(*labels).set(stats.num_waiting)
         self.kv_usage.labels(*labels).set(stats.kv_usage)
         self.healthy.labels(*labels).set(1 if stats.healthy else 0)
+        self._count_total(stats.instance_id, "orphans_aborted", stats.orphans_aborted, self.orphans.labels(*labels))
         for event, value in stats.kv_transfer.items():
             if event in ("bytes_saved", "blocks_saved"):
                 self._count_total(stats.instance_id, event, value,

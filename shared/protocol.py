@@ -93,6 +93,7 @@ class EngineStats:
     kv_transfer: dict[str, float] = field(default_factory=dict)  # KV connector counters since start
     state: InstanceState = InstanceState.READY
     restarts: int = 0  # engines the controller restarted on this instance
+    orphans_aborted: int = 0  # engine-core requests its front end had forgotten, aborted (`worker.orphans`)
 
     @property
     def kv_blocks_free(self) -> int:

@@ -31,6 +31,7 @@ from pdserve.shared.config import EngineConfig, KVTransferConfig
 from pdserve.shared.errors import ConfigError
 from pdserve.shared.protocol import EngineInfo, EngineRequest, EngineStats, OutputDelta, TokenLogprob
 from pdserve.shared.roles import InstanceState, Role
+from pdserve.worker.orphans import OrphanWatch
 from pdserve.worker.vllm_plugin import LOAD_PROBE
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class EngineWorker:
         self._state = InstanceState.STARTING
         self._ping: asyncio.Task | None = None  # the health ping in flight to the engine core
         self._answered_at = 0.0  # monotonic: the engine core's last answer
+        self._orphans = OrphanWatch()  # core requests the front end forgot: aborted after a grace
 
     async def start(self) -> EngineInfo:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -416,7 +418,8 @@ class EngineWorker:
             if not self._ping.cancelled() and self._ping.exception() is None:
                 self._answered_at = now
                 # The probe's counts are the scheduler's now; the stat logger's are from its last step.
-                self._stats.num_running, self._stats.num_waiting, self._stats.kv_usage = self._ping.result()
+                self._stats.num_running, self._stats.num_waiting, self._stats.kv_usage, ids = self._ping.result()
+                self._reap_orphans(set(ids), now)
             self._ping = None
         if self._ping is None:
             probe = self._engine.engine_core.call_utility_async(LOAD_PROBE)
@@ -426,6 +429,17 @@ class EngineWorker:
                          self.instance_id, now - self._answered_at)
             self._ping.cancel()
             self._state = InstanceState.DEAD
+
+    def _reap_orphans(self, core_ids: set[str], now: float) -> None:
+        if not core_ids:
+            return
+        tracked = set(self._engine.output_processor.request_states) | set(self._migration_held().values())
+        due = self._orphans.update(core_ids, tracked, now)
+        if due:
+            logger.warning("instance %s: aborting %d engine-core request(s) its front end no longer tracks: %s",
+                           self.instance_id, len(due), ", ".join(due))
+            # Fire and forget, like the probe: the next probe shows whether they left.
+            asyncio.get_running_loop().create_task(self._engine.engine_core.abort_requests_async(due))
 
     async def stats(self) -> EngineStats:
         state = self.state()
@@ -437,6 +451,7 @@ class EngineWorker:
             kv_usage=self._stats.kv_usage,
             kv_blocks_total=self._info.kv_blocks_total if self._info else 0,
             in_flight=len(self._tasks),
+            orphans_aborted=self._orphans.aborted,
             kv_transfer=dict(self._stats.kv_transfer),
             healthy=state.serving,
             state=state,

@@ -49,11 +49,15 @@ def register() -> None:
 LOAD_PROBE = "pdserve_load"
 
 
-def _load(self: Any) -> tuple[int, int, float]:
-    """(running, waiting, KV usage) of the scheduler now; runs in the engine core between steps."""
+def _load(self: Any) -> tuple[int, int, float, list[str]]:
+    """(running, waiting, KV usage, ids queued or running) of the scheduler now; runs in the engine core
+    between steps. The ids let the worker find requests its front end forgot (`worker.orphans`)."""
     scheduler = self.scheduler
     running, waiting = scheduler.get_request_counts()
-    return running, waiting, float(scheduler.get_kv_cache_usage())
+    ids = [r.request_id for r in scheduler.running]
+    for queue in (scheduler.waiting, getattr(scheduler, "kv_holding_waiting", ())):
+        ids.extend(r.request_id for r in queue)
+    return running, waiting, float(scheduler.get_kv_cache_usage()), ids
 
 
 def add_load_probe() -> None:

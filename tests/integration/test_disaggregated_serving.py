@@ -156,8 +156,10 @@ def test_200_requests_aborted_at_random_moments_leak_no_blocks(server, reference
                for s in stats.values()):
             break
         time.sleep(1)
-    assert all(s["in_flight"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats.values()), stats
-    assert all(s["kv_usage"] == 0.0 for s in stats.values()), stats  # every block free again, on P and on D
+    brief = {k: {f: s[f] for f in ("in_flight", "num_running", "num_waiting", "kv_usage", "orphans_aborted")}
+             for k, s in stats.items()}
+    assert all(s["in_flight"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0 for s in stats.values()), brief
+    assert all(s["kv_usage"] == 0.0 for s in stats.values()), brief  # every block free again, on P and on D
     # And the pair still hands off correctly afterwards.
     body = {"prompt": _prompt(777), "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True}

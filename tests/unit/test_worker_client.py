@@ -165,7 +165,7 @@ class _SilentEngine:
         assert method == LOAD_PROBE
         if not self.answers:
             await asyncio.Event().wait()
-        return 0, 0, 0.0
+        return 0, 0, 0.0, []
 
 
 @pytest.mark.parametrize("answers", [True, False])
@@ -196,7 +196,7 @@ class _IdleEngine:
         self.engine_core = self
 
     async def call_utility_async(self, method: str, *args):
-        return 0, 0, 0.0
+        return 0, 0, 0.0, []
 
 
 async def test_stats_come_from_the_load_probe_not_the_last_step():
@@ -212,3 +212,45 @@ async def test_stats_come_from_the_load_probe_not_the_last_step():
     await asyncio.sleep(0.05)
     stats = await worker.stats()  # reads its answer
     assert (stats.num_running, stats.num_waiting, stats.kv_usage) == (0, 0, 0.0)
+
+
+class _CoreWithOrphan:
+    """An engine core still holding a request (waiting for KV) that its front end has forgotten."""
+
+    errored = False
+
+    def __init__(self) -> None:
+        self.engine_core = self
+        self.output_processor = self
+        self.request_states = {"live-1-abcd1234": object()}  # the front end tracks this one only
+        self.core = {"live-1-abcd1234", "gone-2-ef567890"}
+        self.aborted: list[str] = []
+
+    async def call_utility_async(self, method: str, *args):
+        return 0, len(self.core), 0.1, sorted(self.core)
+
+    async def abort_requests_async(self, ids):
+        self.aborted.extend(ids)
+        self.core -= set(ids)
+
+
+async def test_a_core_request_the_front_end_forgot_is_aborted_after_the_grace():
+    from pdserve.shared.roles import InstanceState
+    from pdserve.worker.engine import EngineWorker
+    from pdserve.worker.orphans import OrphanWatch
+
+    worker = EngineWorker("decode-0", Role.DECODE, EngineConfig(model="/m"))
+    engine = _CoreWithOrphan()
+    worker._engine, worker._outbox, worker._orphans = engine, asyncio.Queue(), OrphanWatch(grace_s=0.2)
+    worker._state, worker._answered_at = InstanceState.READY, time.monotonic()
+    for _ in range(3):  # within the grace: an abort may be on its way, nothing is touched
+        await worker.stats()
+        await asyncio.sleep(0.02)
+    assert engine.aborted == []
+    for _ in range(20):
+        await asyncio.sleep(0.05)
+        if (await worker.stats()).orphans_aborted:
+            break
+    await asyncio.sleep(0.05)
+    assert engine.aborted == ["gone-2-ef567890"]  # the tracked request is left alone
+    assert (await worker.stats()).orphans_aborted == 1
