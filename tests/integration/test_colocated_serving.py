@@ -142,21 +142,18 @@ def _instance(server) -> dict:
     return httpx.get(server.url + "/health", timeout=10).json()["instances"][0]
 
 
-@pytest.mark.xfail(strict=False, reason="regression found at the end of stop 20, not yet fixed: on real engines a "
-                   "streaming client that leaves is not seen by the server (the request runs to the end and is "
-                   "recorded ok); the fake-engine unit test still passes")
 def test_client_disconnect_aborts_in_engine(server):
-    # Long enough that the request is still running when the client leaves, however fast the machine.
+    """A streaming client that leaves mid-stream: the engine request is aborted, its blocks freed.
+
+    The client leaves right after its first chunks, without waiting on anything slower: the demo
+    model decodes ~1,000 tokens in about 3 s on these machines, so a client that first waited for
+    a stats poll (every 0.5 s) could see the request finish before it left.
+    """
     body = {"prompt": "Return", "max_tokens": MAX_LEN - 8, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as resp:
         lines = resp.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: {") for line in received)
-        # /health shows stats polled every 0.5 s: wait for the state, not for one poll.
-        deadline = time.monotonic() + 3
-        while _instance(server)["in_flight"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _instance(server)["in_flight"] == 1
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         stats = _instance(server)
