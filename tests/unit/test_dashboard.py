@@ -61,23 +61,37 @@ def _exported(text: str) -> tuple[set[str], dict[str, set[str]]]:
     return names, bounds
 
 
+def _panels(dashboard: dict) -> list[dict]:
+    """Every panel, those inside a collapsed row (which Grafana keeps under the row's own `panels`) too."""
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return out
+
+
 def _exprs(dashboard: dict) -> list[tuple[str, str]]:
-    out = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+    out = [(p["title"], t["expr"]) for p in _panels(dashboard) for t in p.get("targets", [])]
     out += [(v["name"], v["definition"]) for v in dashboard["templating"]["list"] if v.get("type") == "query"]
     return out
 
 
 def test_dashboard_is_valid_json_with_panels():
     dashboard = json.loads(DASHBOARD.read_text())
-    titles = [p["title"] for p in dashboard["panels"] if p["type"] != "row"]
+    titles = [p["title"] for p in _panels(dashboard) if p["type"] != "row"]
     for want in ("Time to first token", "Time per output token", "Inter-token latency", "SLO attainment",
                  "Goodput (estimate)", "KV bytes sent per second", "KV transfer time per handoff",
                  "Waiting requests", "KV-cache use per pool", "Goodput (requests meeting their own SLO)",
                  "SLO attainment per class (since start)", "Refused requests (429) by reason",
                  "Admission queue depth"):
         assert want in titles
-    ids = [p["id"] for p in dashboard["panels"]]
+    ids = [p["id"] for p in _panels(dashboard)]
     assert len(ids) == len(set(ids))
+    # Every graph queries Prometheus: no panel is left without PromQL for the /metrics check below.
+    for panel in _panels(dashboard):
+        if panel["type"] != "row":
+            assert panel.get("targets"), f"{panel['title']}: no query"
+            assert all(t.get("expr", "").strip() for t in panel["targets"]), f"{panel['title']}: a target without expr"
 
 
 def test_every_promql_names_an_exported_metric(metrics_text):

@@ -114,11 +114,29 @@ def test_manifests_validate(case, rendered, raycluster_schema):
             jsonschema.Draft4Validator(raycluster_schema).validate(doc)
             assert pruned_fields(doc, raycluster_schema) == [], "fields KubeRay's schema does not know"
         elif doc["kind"] == "ServiceMonitor":
+            # No Prometheus Operator CRD is pinned here: checked for what makes it scrape the gateway.
             assert doc["apiVersion"] == "monitoring.coreos.com/v1"
             assert doc["spec"]["endpoints"][0]["path"] == "/metrics"
+            assert_service_monitor_scrapes_the_gateway(doc, docs)
         else:
             for version in KUBE_VERSIONS:
                 kubernetes_validate.validate(doc, version, strict=True)
+
+
+def assert_service_monitor_scrapes_the_gateway(monitor: dict, docs: list[dict]) -> None:
+    """Its selector picks exactly the gateway's Service, in the release's namespace, by a port that Service has,
+    and that port leads to the gateway container's port (where /metrics is served)."""
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    wanted = spec["selector"]["matchLabels"]
+    picked = [s for s in by_kind(docs, "Service") if wanted.items() <= s["metadata"].get("labels", {}).items()]
+    assert [s["metadata"]["name"] for s in picked] == [f"{RELEASE}-pdserve-gateway"]
+    (endpoint,) = spec["endpoints"]
+    ports = [p for p in picked[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert len(ports) == 1, f"the gateway Service has no port named {endpoint['port']!r}"
+    port = ports[0]
+    container_ports = {p["name"]: p["containerPort"] for p in _gateway(docs).get("ports", [])}
+    assert port["targetPort"] in container_ports or port["targetPort"] in container_ports.values()
 
 
 def test_a_field_kuberay_does_not_know_is_caught(rendered, raycluster_schema):
