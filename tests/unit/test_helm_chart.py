@@ -225,6 +225,20 @@ def test_each_pool_gets_its_own_gpus_and_engine_arguments(chart, tmp_path):
     assert pools.decode.engine.engine_args == {"max_num_seqs": 512}
 
 
+def test_the_other_pdserve_sections_pass_through(chart, tmp_path):
+    sections = {"migration": {"enabled": True, "interval_s": 2.0}, "resume": {"max_resumes": 1},
+                "slo": {}, "prefix_routing": {"index": "sent"}}
+    docs = render(chart, {"pdserve": {"engine": {}, **sections}})
+    (cm,) = by_kind(docs, "ConfigMap")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    config = ServeConfig.load(path)
+    assert config.migration.enabled and config.migration.interval_s == 2.0
+    assert config.resume.max_resumes == 1 and config.prefix_routing.index == "sent"
+    with pytest.raises(helm.HelmValuesError, match="/pdserve.*migrate"):
+        chart.validate_schema({"pdserve": {"engine": {}, "migrate": {"enabled": True}}})
+
+
 def _gateway(docs: list[dict]) -> dict:
     (deploy,) = by_kind(docs, "Deployment")
     return deploy["spec"]["template"]["spec"]["containers"][0]
