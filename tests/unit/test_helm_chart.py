@@ -239,6 +239,20 @@ def test_the_other_pdserve_sections_pass_through(chart, tmp_path):
         chart.validate_schema({"pdserve": {"engine": {}, "migrate": {"enabled": True}}})
 
 
+def test_optional_ingress_routes_to_the_gateway_service(chart, rendered):
+    assert all(by_kind(docs, "Ingress") == [] for docs in rendered.values())  # off unless asked for
+    docs = render(chart, {"gateway": {"ingress": {"enabled": True, "className": "nginx", "host": "llm.example.org",
+                                                  "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.org"]}]}}})
+    (ingress,) = by_kind(docs, "Ingress")
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(ingress, version, strict=True)
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "llm.example.org" and ingress["spec"]["ingressClassName"] == "nginx"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == backend["name"]]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+
+
 def _gateway(docs: list[dict]) -> dict:
     (deploy,) = by_kind(docs, "Deployment")
     return deploy["spec"]["template"]["spec"]["containers"][0]
