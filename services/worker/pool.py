@@ -24,6 +24,7 @@ from pdserve.shared.roles import Role
 from pdserve.worker.client import RayEngineClient
 from pdserve.worker.engine import EngineWorker
 from pdserve.worker.placement import CorePlan, assign, format_cores, plan_cores
+from pdserve.worker.vllm_plugin import SPIN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class RayInstanceFactory:
             raise EngineError("prefill/decode instances need a KV transfer config")
         self._bind_new(instance_id, role)
         env = self.plan.env(instance_id) if self.plan is not None else {}
+        if self.pools.shm_spin_s is not None:
+            env[SPIN_ENV] = str(self.pools.shm_spin_s)  # read by the vLLM plugin in the engine's processes
         return self._actor_cls.options(
             # A respawned actor gets a new name: the dead one's may not be released yet.
             name=f"{self.namespace_prefix}-{instance_id}-{next(self._generation)}",

@@ -2,8 +2,10 @@
 
 vLLM loads every `vllm.general_plugins` entry point in each of its processes
 (the front end, the engine core, the workers); ours is registered in
-pyproject.toml and does three things (the third, live migration's engine-core
-utilities and the seeded generator's catch-up, lives in `worker.migration`):
+pyproject.toml and does four things (the third, live migration's engine-core
+utilities and the seeded generator's catch-up, lives in `worker.migration`;
+the fourth, on CPU, bounds the engine's shared-memory busy-wait: see
+`limit_shm_spin`):
 
 1. A load probe on the engine core. vLLM's stat loggers only hear from the
    scheduler when it steps, and an idle engine does not step: the counts of
@@ -44,6 +46,7 @@ def register() -> None:
     if current_platform.is_cpu():
         patch_cpu_model_runner()
         patch_generator_steps()
+        limit_shm_spin()
 
 
 LOAD_PROBE = "pdserve_load"
@@ -108,3 +111,40 @@ def patch_cpu_model_runner() -> None:
     CPUModelRunner._bookkeeping_sync = _bookkeeping_sync
     setattr(CPUModelRunner, _PATCHED, True)
     log.debug("pdserve: CPU generator rewind replaced by state save/restore")
+
+
+SPIN_ENV = "PDSERVE_SHM_SPIN_S"
+_SPIN_PATCHED = "_pdserve_spin_limit"
+
+
+def limit_shm_spin() -> None:
+    """How long vLLM's shared-memory queue readers spin after a read before they sleep in a poll.
+
+    The engine core waits for its worker's step result, and the worker for the next step, on a
+    shared-memory queue whose reader busy-loops with `sched_yield()` for 1 s after each read. On a
+    GPU node that spin has a spare core to itself. On a CPU node with an instance per core and no
+    core left over it does not: an engine core and an idle instance's worker spinning took ~70 % of
+    this 2-core machine while one request decoded, and the gateway and the engine actors (which
+    carry every token to the client) stalled for 100-700 ms at a time. The launcher sets the spin
+    (`pools.shm_spin_s`) in every engine's environment; unset keeps vLLM's own.
+    """
+    import os
+
+    value = os.environ.get(SPIN_ENV)
+    if value is None:
+        return
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    cls = shm_broadcast.SpinCondition
+    if getattr(cls, _SPIN_PATCHED, False):
+        return
+    spin_s = float(value)
+    init = cls.__init__
+
+    def __init__(self: Any, is_reader: bool, *args: Any, **kwargs: Any) -> None:
+        init(self, is_reader, *args, **kwargs)
+        if is_reader:
+            self.busy_loop_s = spin_s
+
+    cls.__init__ = __init__
+    setattr(cls, _SPIN_PATCHED, True)

@@ -110,3 +110,40 @@ def test_restore_priority_lowers_niceness_when_allowed():
                          check=True).stdout.split()[-1]
     can_raise = os.geteuid() == 0
     assert int(out) == (0 if can_raise else 5)
+
+
+class _CapturingActor:
+    """Stands in for the Ray actor class: records what an instance would be started with."""
+
+    def __init__(self) -> None:
+        self.options_seen: dict = {}
+
+    def options(self, **kwargs):
+        self.options_seen = kwargs
+        return self
+
+    def remote(self, *args):
+        return args
+
+
+@pytest.mark.parametrize("spin", [0.05, None])
+def test_engines_start_with_the_shm_spin_bound_unless_unset(spin):
+    pytest.importorskip("ray")
+    from pdserve.shared.config import EngineConfig
+    from pdserve.shared.roles import Role
+    from pdserve.worker.pool import RayInstanceFactory
+    from pdserve.worker.vllm_plugin import SPIN_ENV
+
+    pools = PoolsConfig(mixed=1, prefill=0, decode=0, shm_spin_s=spin)
+    factory = RayInstanceFactory(EngineConfig(), pools, cores=[0, 1])
+    factory._actor_cls = actor = _CapturingActor()
+    factory.make_actor("mixed-0", Role.MIXED)
+    env = (actor.options_seen["runtime_env"] or {}).get("env_vars", {})
+    assert env.get(BIND_ENV) == "0"
+    assert env.get(SPIN_ENV) == (None if spin is None else str(spin))
+
+
+def test_default_pools_bound_the_spin():
+    assert PoolsConfig().shm_spin_s == 0.05
+    with pytest.raises(ValueError):
+        PoolsConfig(shm_spin_s=-1)
