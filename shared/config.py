@@ -150,11 +150,12 @@ class PoolsConfig(_Strict):
                           "engine schedulers are pinned there); off: vLLM's own binding (each engine takes "
                           "what it sees).")
     shm_spin_s: float | None = Field(
-        0.05, ge=0, description="CPU engines: how long vLLM's engine core and workers busy-wait on their "
-                                "shared-memory queue after a message before sleeping until the next one "
-                                "(vLLM's own: 1 s). A spinning idle engine takes the CPU time the gateway and "
-                                "the other instances need when every core computes; unset (null): vLLM's own. "
-                                "No effect on GPUs.")
+        0.05, ge=0, description="CPU engines bound to cores (bind_cores) that leave no core for the front end: "
+                                "how long vLLM's engine core and workers busy-wait on their shared-memory queue "
+                                "after a message before sleeping until the next one (vLLM's own: 1 s). There, "
+                                "spinning idle engines take the time the gateway and the other instances need; "
+                                "with a core left over, vLLM's spin is kept (waking from a poll costs more). "
+                                "Null: vLLM's own everywhere. No effect on GPUs.")
 
     @field_validator("mixed", "prefill", "decode", mode="before")
     @classmethod

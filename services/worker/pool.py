@@ -105,8 +105,10 @@ class RayInstanceFactory:
             raise EngineError("prefill/decode instances need a KV transfer config")
         self._bind_new(instance_id, role)
         env = self.plan.env(instance_id) if self.plan is not None else {}
-        if self.pools.shm_spin_s is not None:
-            env[SPIN_ENV] = str(self.pools.shm_spin_s)  # read by the vLLM plugin in the engine's processes
+        if self.pools.shm_spin_s is not None and self.plan is not None and not self.plan.front:
+            # Every core computes: bound the engines' busy-wait (read by the vLLM plugin in their processes).
+            # With a core left for the front end, vLLM's spin is cheaper than waking from a poll.
+            env[SPIN_ENV] = str(self.pools.shm_spin_s)
         return self._actor_cls.options(
             # A respawned actor gets a new name: the dead one's may not be released yet.
             name=f"{self.namespace_prefix}-{instance_id}-{next(self._generation)}",

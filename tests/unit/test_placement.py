@@ -126,21 +126,23 @@ class _CapturingActor:
         return args
 
 
-@pytest.mark.parametrize("spin", [0.05, None])
-def test_engines_start_with_the_shm_spin_bound_unless_unset(spin):
+@pytest.mark.parametrize("spin,cores,bounded", [(0.05, [0, 1], True), (None, [0, 1], False), (0.05, [0, 1, 2], False)])
+def test_engines_bound_the_shm_spin_only_when_no_core_is_left_for_the_front_end(spin, cores, bounded):
     pytest.importorskip("ray")
     from pdserve.shared.config import EngineConfig
     from pdserve.shared.roles import Role
     from pdserve.worker.pool import RayInstanceFactory
     from pdserve.worker.vllm_plugin import SPIN_ENV
 
-    pools = PoolsConfig(mixed=1, prefill=0, decode=0, shm_spin_s=spin)
-    factory = RayInstanceFactory(EngineConfig(), pools, cores=[0, 1])
+    pools = PoolsConfig(mixed=0, prefill=1, decode=1, shm_spin_s=spin)
+    from pdserve.shared.config import KVTransferConfig
+
+    factory = RayInstanceFactory(EngineConfig(), pools, cores=cores, kv=KVTransferConfig())
     factory._actor_cls = actor = _CapturingActor()
-    factory.make_actor("mixed-0", Role.MIXED)
+    factory.make_actor("decode-0", Role.DECODE)
     env = (actor.options_seen["runtime_env"] or {}).get("env_vars", {})
-    assert env.get(BIND_ENV) == "0"
-    assert env.get(SPIN_ENV) == (None if spin is None else str(spin))
+    assert env.get(BIND_ENV) == "1"
+    assert env.get(SPIN_ENV) == ("0.05" if bounded else None)
 
 
 def test_default_pools_bound_the_spin():
