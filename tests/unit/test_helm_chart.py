@@ -193,6 +193,9 @@ def test_written_config_is_one_pdserve_serve_accepts(case, rendered, tmp_path):
         assert pool.resources == {k: float(v) / want["instancesPerPod"] for k, v in want["rayResources"].items()}
         assert pool.engine.engine_args == want.get("engineArgs", {})
     assert config.ray.address == "auto" and config.gateway.host == "0.0.0.0"
+    # The gateway's own drain gives up when the decode pod's preStop does, before the pod is killed.
+    deadline = values.get("decode", {}).get("drain", {}).get("deadlineSeconds", 100)
+    assert config.pools.drain_timeout_s == deadline
     assert config.gateway.api_key is None  # the key comes from a Secret, never the ConfigMap
     if values:
         assert config.engine.model == values["pdserve"]["engine"]["model"]

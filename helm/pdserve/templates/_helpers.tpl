@@ -66,6 +66,8 @@ instances land on its own pods), and its own vLLM engine arguments.
 {{- $d := .Values.decode -}}
 {{- $cfg := deepCopy .Values.pdserve -}}
 {{- $pools := dict "mixed" 0 "prefill" (include "pdserve.pool" (dict "group" $p) | fromJson) "decode" (include "pdserve.pool" (dict "group" $d) | fromJson) -}}
+{{- /* A scale-down the gateway runs itself gives up on a decode instance's requests when its pod's preStop would: before the pod is killed. */ -}}
+{{- $_ := set $pools "drain_timeout_s" $d.drain.deadlineSeconds -}}
 {{- $gateway := mergeOverwrite (get $cfg "gateway" | default dict) (dict "host" "0.0.0.0" "port" .Values.gateway.port) -}}
 {{- $ray := mergeOverwrite (get $cfg "ray" | default dict) (dict "address" "auto") -}}
 {{- $_ := set $cfg "pools" $pools -}}
