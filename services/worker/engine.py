@@ -204,6 +204,7 @@ class EngineWorker:
         self._ping: asyncio.Task | None = None  # the health ping in flight to the engine core
         self._answered_at = 0.0  # monotonic: the engine core's last answer
         self._orphans = OrphanWatch()  # core requests the front end forgot: aborted after a grace
+        self._reaping: set[asyncio.Task] = set()  # orphan aborts on their way to the engine core
 
     async def start(self) -> EngineInfo:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -438,8 +439,17 @@ class EngineWorker:
         if due:
             logger.warning("instance %s: aborting %d engine-core request(s) its front end no longer tracks: %s",
                            self.instance_id, len(due), ", ".join(due))
-            # Fire and forget, like the probe: the next probe shows whether they left.
-            asyncio.get_running_loop().create_task(self._engine.engine_core.abort_requests_async(due))
+            # Not awaited (the heartbeat never blocks): the next probe shows whether they left; a failed
+            # send is logged. The task is held until done (the loop keeps only weak references).
+            task = asyncio.get_running_loop().create_task(self._engine.engine_core.abort_requests_async(due))
+            self._reaping.add(task)
+            task.add_done_callback(self._reaped)
+
+    def _reaped(self, task: asyncio.Task) -> None:
+        self._reaping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("instance %s: aborting orphaned engine-core requests failed: %r",
+                         self.instance_id, task.exception())
 
     async def stats(self) -> EngineStats:
         state = self.state()

@@ -125,8 +125,9 @@ def limit_shm_spin() -> None:
     GPU node that spin has a spare core to itself. On a CPU node with an instance per core and no
     core left over it does not: an engine core and an idle instance's worker spinning took ~70 % of
     this 2-core machine while one request decoded, and the gateway and the engine actors (which
-    carry every token to the client) stalled for 100-700 ms at a time. The launcher sets the spin
-    (`pools.shm_spin_s`) in every engine's environment; unset keeps vLLM's own.
+    carry every token to the client) stalled for 100-700 ms at a time. The instance factory sets the
+    spin (`pools.shm_spin_s`) in an engine's environment where the core plan leaves the front end no
+    core; unset keeps vLLM's own.
     """
     import os
 
