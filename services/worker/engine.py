@@ -434,14 +434,18 @@ class EngineWorker:
     def _reap_orphans(self, core_ids: set[str], now: float) -> None:
         if not core_ids:
             return
-        tracked = set(self._engine.output_processor.request_states) | set(self._migration_held().values())
-        due = self._orphans.update(core_ids, tracked, now)
+        # Tracked: read by a request task of this worker (the front end may still hold a request whose
+        # task is gone, when a cancel lands inside vLLM's add), or held for migration.
+        states = self._engine.output_processor.request_states
+        tracked = {rid for rid, st in states.items() if getattr(st, "external_req_id", None) in self._tasks}
+        due = self._orphans.update(core_ids, tracked | set(self._migration_held().values()), now)
         if due:
-            logger.warning("instance %s: aborting %d engine-core request(s) its front end no longer tracks: %s",
+            logger.warning("instance %s: aborting %d engine-core request(s) no request task reads: %s",
                            self.instance_id, len(due), ", ".join(due))
             # Not awaited (the heartbeat never blocks): the next probe shows whether they left; a failed
             # send is logged. The task is held until done (the loop keeps only weak references).
-            task = asyncio.get_running_loop().create_task(self._engine.engine_core.abort_requests_async(due))
+            # Internal ids: the front end forgets them too, where it still held them.
+            task = asyncio.get_running_loop().create_task(self._engine.abort(due, internal=True))
             self._reaping.add(task)
             task.add_done_callback(self._reaped)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 
 import pytest
 
@@ -215,23 +216,29 @@ async def test_stats_come_from_the_load_probe_not_the_last_step():
 
 
 class _CoreWithOrphan:
-    """An engine core still holding a request (waiting for KV) that its front end has forgotten."""
+    """An engine core still holding requests (waiting for KV) that no request task reads any more: one
+    its front end has forgotten, one it still holds (a cancel that landed inside vLLM's add)."""
 
     errored = False
 
     def __init__(self) -> None:
         self.engine_core = self
         self.output_processor = self
-        self.request_states = {"live-1-abcd1234": object()}  # the front end tracks this one only
-        self.core = {"live-1-abcd1234", "gone-2-ef567890"}
+        state = types.SimpleNamespace
+        self.request_states = {"live-1-abcd1234": state(external_req_id="live-1"),  # its task reads it
+                               "held-3-0a0b0c0d": state(external_req_id="held-3")}  # no task
+        self.core = {"live-1-abcd1234", "gone-2-ef567890", "held-3-0a0b0c0d"}
         self.aborted: list[str] = []
 
     async def call_utility_async(self, method: str, *args):
         return 0, len(self.core), 0.1, sorted(self.core)
 
-    async def abort_requests_async(self, ids):
+    async def abort(self, ids, internal=False):
+        assert internal  # core ids are vLLM's internal ids
         self.aborted.extend(ids)
         self.core -= set(ids)
+        for rid in ids:
+            self.request_states.pop(rid, None)
 
 
 async def test_a_core_request_the_front_end_forgot_is_aborted_after_the_grace():
@@ -243,6 +250,7 @@ async def test_a_core_request_the_front_end_forgot_is_aborted_after_the_grace():
     engine = _CoreWithOrphan()
     worker._engine, worker._outbox, worker._orphans = engine, asyncio.Queue(), OrphanWatch(grace_s=0.2)
     worker._state, worker._answered_at = InstanceState.READY, time.monotonic()
+    worker._tasks["live-1"] = asyncio.get_running_loop().create_future()  # a request task, still reading
     for _ in range(3):  # within the grace: an abort may be on its way, nothing is touched
         await worker.stats()
         await asyncio.sleep(0.02)
@@ -252,5 +260,7 @@ async def test_a_core_request_the_front_end_forgot_is_aborted_after_the_grace():
         if (await worker.stats()).orphans_aborted:
             break
     await asyncio.sleep(0.05)
-    assert engine.aborted == ["gone-2-ef567890"]  # the tracked request is left alone
-    assert (await worker.stats()).orphans_aborted == 1
+    assert engine.aborted == ["gone-2-ef567890", "held-3-0a0b0c0d"]  # the one a task reads is left alone
+    assert "held-3-0a0b0c0d" not in engine.request_states  # the front end forgot it too
+    assert (await worker.stats()).orphans_aborted == 2
+    worker._tasks.clear()
