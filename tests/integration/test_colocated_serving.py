@@ -170,9 +170,9 @@ def _leave_mid_stream(server) -> str:
     raise AssertionError(f"no outcome recorded within 30 s: {before} -> {_outcomes(server)}")
 
 
-@pytest.mark.xfail(strict=False, reason="open bug: on the current tree three clients in a row that left after their "
-                   "first chunks were all recorded `ok` (the request ran to its end); see the closing note of "
-                   "2026-12-03 19:50 UTC. Not a timing artefact: it fails every try here.")
+@pytest.mark.xfail(strict=False, reason="open bug, intermittent: in one run here three clients in a row that left "
+                   "after their first chunks were all recorded `ok` (the request ran to its end); the next run "
+                   "passed. See the closing note of 2026-12-03 ~20:40 UTC.")
 def test_client_disconnect_aborts_in_engine(server):
     """A streaming client that leaves mid-stream: the engine request is aborted, its blocks freed.
 
