@@ -203,7 +203,7 @@ class EngineWorker:
         self._state = InstanceState.STARTING
         self._ping: asyncio.Task | None = None  # the health ping in flight to the engine core
         self._answered_at = 0.0  # monotonic: the engine core's last answer
-        self._orphans = OrphanWatch()  # core requests the front end forgot: aborted after a grace
+        self._orphans = OrphanWatch()  # core requests no request task reads: aborted after a grace
         self._reaping: set[asyncio.Task] = set()  # orphan aborts on their way to the engine core
 
     async def start(self) -> EngineInfo:

@@ -1,14 +1,14 @@
 """Engine-core requests that nobody reads any more, found and aborted.
 
 vLLM's front end (AsyncLLM) and its engine core are two processes. An abort
-that crosses a request's own add on the way to the core, or any other race
-between them, can leave a request in the core's queues that the front end has
-forgotten: nobody will read its output or abort it again. On a decode instance
-such a request can wait forever for KV that will never come, holding its
-blocks. The worker's load probe brings back the ids the core has queued or
-running; an id the front end no longer tracks for `grace_s` (two probes at
-least, so an abort already on its way is given time) is an orphan, aborted in
-the core and counted.
+that crosses a request's own add on the way to the core, or a cancel that lands
+inside vLLM's add (the front end then still holds the request, but no task
+reads it), can leave a request in the core's queues that nobody will read or
+abort again. On a decode instance such a request can wait forever for KV that
+will never come, holding its blocks. The worker's load probe brings back the
+ids the core has queued or running; an id that no request task of the worker
+reads for `grace_s` (two probes at least, so an abort already on its way is
+given time) is an orphan, aborted (in the front end and the core) and counted.
 
 Pure: `OrphanWatch.update()` decides, the worker does the abort.
 """
@@ -25,7 +25,7 @@ class OrphanWatch:
     _first_seen: dict[str, float] = field(default_factory=dict)
 
     def update(self, core_ids: set[str], tracked_ids: set[str], now: float) -> list[str]:
-        """Core ids untracked by the front end for `grace_s`: abort these (counted as aborted)."""
+        """Core ids untracked (no task reads them) for `grace_s`: abort these (counted as aborted)."""
         untracked = core_ids - tracked_ids
         self._first_seen = {rid: self._first_seen.get(rid, now) for rid in untracked}
         due = sorted(rid for rid, since in self._first_seen.items() if now - since >= self.grace_s)

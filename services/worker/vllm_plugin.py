@@ -54,7 +54,7 @@ LOAD_PROBE = "pdserve_load"
 
 def _load(self: Any) -> tuple[int, int, float, list[str]]:
     """(running, waiting, KV usage, ids queued or running) of the scheduler now; runs in the engine core
-    between steps. The ids let the worker find requests its front end forgot (`worker.orphans`)."""
+    between steps. The ids let the worker find requests nobody reads (`worker.orphans`)."""
     scheduler = self.scheduler
     running, waiting = scheduler.get_request_counts()
     ids = [r.request_id for r in scheduler.running]

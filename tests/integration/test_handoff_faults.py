@@ -215,6 +215,11 @@ def _recovered(server, instance: str) -> None:
     assert answer.status_code == 200, answer.text
 
 
+def _seen_down(instance: dict, restarts_before: int) -> bool:
+    """Down now, or down and already restarted since."""
+    return instance["state"] != "ready" or instance["restarts"] > restarts_before
+
+
 def test_decode_killed_mid_decode_costs_latency_not_the_stream_and_comes_back(server):
     """D dies while a stream decodes: the stream goes on on P (the only other instance) from the last token
     the client got (router.resume), and D comes back by itself."""
@@ -237,11 +242,10 @@ def test_decode_killed_mid_decode_costs_latency_not_the_stream_and_comes_back(se
         events, _ = _stream(server, {"prompt": _prompt(200), "max_tokens": max_tokens, "temperature": 0,
                                      "ignore_eos": True, "stream_options": {"include_usage": True}}, kill_after)
     finally:
-        # D is seen down and back before any assertion, so that a failure here does not leave the next
-        # test a dead D that the router has not noticed yet.
+        # D is seen down before any assertion, so that a failure here does not leave the next test a
+        # dead D that the router has not noticed yet.
         if killed_at:
-            _wait(lambda: _instances(server)["decode-0"]["state"] != "ready"
-                  or _instances(server)["decode-0"]["restarts"] > restarts, 30, "decode-0 seen down")
+            _wait(lambda: _seen_down(_instances(server)["decode-0"], restarts), 30, "decode-0 seen down")
     assert killed_at and events[-1] == "[DONE]"
     _recovered(server, "decode-0")
     chunks = [json.loads(e) for e in events[:-1]]
